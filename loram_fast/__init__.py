@@ -1,0 +1,27 @@
+"""loram_fast: fast, exact LoRA initialisations for Hugging Face peft.
+
+>>> import loram_fast
+>>> loram_fast.init_model(peft_model, method="loram")
+>>> # or, with stock peft: LoraConfig(..., init_lora_weights="loram")
+"""
+import logging as _logging
+
+from .api import init_model
+from .ops import backends, dst_basis, dst_basis_batched, loram_residual_, lowrank_update_, matmul_f32, weight_moments
+from .registry import Method, available_methods, get_method, register
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "init_model", "available_methods", "get_method", "register", "Method", "backends",
+    "dst_basis", "dst_basis_batched", "weight_moments", "lowrank_update_", "loram_residual_", "matmul_f32",
+]
+
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())
+
+try:
+    from . import peft_hook as _peft_hook
+
+    _peft_hook.install()
+except ImportError:  # pragma: no cover - peft is a dependency; keep the math usable without it
+    _logging.getLogger(__name__).warning("loram_fast: peft is not importable; the LoraConfig hook is not installed")

@@ -1,0 +1,120 @@
+"""LoRAM ("The Primacy of Magnitude in Low-Rank Adaptation"): deterministic trigonometric bases scaled by
+the weight's magnitude, product subtracted from the base weight.
+
+For W (out×in), rank r, LoRA scaling s:
+    U = dst_basis(in, r)            (in×r, orthonormal columns)   → Uhr = Uᵀ  (r×in)
+    V = dst_basis(out, r)           (out×r, orthonormal columns)
+    variance_ratio = var(W) / var(V Uᵀ)         (unbiased, all entries)
+    rho  = log(r) / log(min(out, in))
+    beta = (rho · variance_ratio) ** (1/4)
+    A = beta · Uᵀ,  B = beta · V,  W ← W − s · B A
+
+Fast exact path: ``‖V Uᵀ‖_F² = r`` and ``sum(V Uᵀ) = (1ᵀV)(Uᵀ1)``, so
+``var(V Uᵀ) = (r − sum²/(mn)) / (mn − 1)`` without the m×n product; ``var(W)`` comes from one fp64 pass,
+and the residual is one in-place fused update. ``kind="dct2"`` (method ``loram_dct``) swaps in the
+orthonormal DCT-II basis: a loram_fast extension, not in the LoRAM paper or code.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..ops.bases import dst_basis
+from ..ops.moments import weight_moments
+from ..ops.residual import loram_residual_
+from .common import LayerInit
+
+
+def loram_beta(var_w: float, basis_sum: float, m: int, n: int, r: int) -> float:
+    """beta = (rho · var(W) / var(V Uᵀ)) ** 1/4 from the closed-form variance of the basis product."""
+    count = m * n
+    var_vu = (r - basis_sum * basis_sum / count) / (count - 1)
+    rho = math.log(r, min(m, n))
+    return (rho * (var_w / var_vu)) ** 0.25
+
+
+def check_loram(shape: tuple[int, int], r: int, *, allow_zero_adapter: bool = False) -> str | None:
+    """Why LoRAM cannot initialise a weight of this shape at rank r (None when it can)."""
+    m, n = shape
+    if r > min(m, n):
+        return (f"rank r={r} exceeds min(out, in)={min(m, n)} of the {m}×{n} weight: the basis has only "
+                f"{min(m, n)} orthonormal vectors; use r <= {min(m, n)}")
+    if min(m, n) < 2:
+        return f"the {m}×{n} weight has min(out, in) = 1, so rho = log(r)/log(1) is undefined"
+    if r == 1 and not allow_zero_adapter:
+        return ("r=1 gives rho = log(1)/log(min(out, in)) = 0, so beta = 0 and both adapters are zero "
+                "(a dead adapter that never receives a gradient); use r >= 2, or pass "
+                "allow_zero_adapter=True to reproduce the reference behaviour")
+    return None
+
+
+def loram_init(W: torch.Tensor, r: int, scaling: float, *, kind: str = "dst1", allow_zero_adapter: bool = False,
+               bases: dict | None = None, backend=None) -> LayerInit:
+    """LoRAM adapters for one weight W (out×in, any float dtype; read, never copied to fp32).
+
+    Returns A (r×in) and B (out×r) in fp32 and a fused residual ``W −= s·β²·V Uᵀ``. ``bases`` is an
+    optional cache ``{(n, r, kind): basis}`` shared across layers of one call."""
+    m, n = W.shape
+    problem = check_loram((m, n), r, allow_zero_adapter=allow_zero_adapter)
+    if problem:
+        raise ValueError(f"loram_fast.loram: {problem}")
+    mom = weight_moments(W, backend=backend)
+    if not (torch.isfinite(mom.sum) and torch.isfinite(mom.sumsq)):
+        raise ValueError("loram_fast.loram: the weight holds NaN or Inf values")
+    var_w = mom.variance()
+    if var_w == 0.0 and not allow_zero_adapter:
+        raise ValueError("loram_fast.loram: the weight is constant (variance 0), so beta = 0 and both adapters "
+                         "would be zero (a dead adapter); pass allow_zero_adapter=True to accept that")
+
+    def basis(size: int) -> torch.Tensor:
+        key = (size, r, kind, W.device)
+        if bases is not None and key in bases:
+            return bases[key]
+        out = dst_basis(size, r, kind=kind, device=W.device, backend=backend)
+        if bases is not None:
+            bases[key] = out
+        return out
+
+    U, V = basis(n), basis(m)  # in×r, out×r
+    basis_sum = float((V.sum(0, dtype=torch.float64) * U.sum(0, dtype=torch.float64)).sum())
+    beta = loram_beta(var_w, basis_sum, m, n, r)
+    A = (U.T * beta).contiguous()
+    B = (V * beta).contiguous()
+    coef = scaling * beta * beta
+
+    def fused(Wv: torch.Tensor, sign: float) -> None:
+        loram_residual_(Wv, -sign * coef, r, kind, backend=backend)
+
+    return LayerInit(A=A, B=B, scaling=scaling, residual=True, fused=fused)
+
+
+def reference_dst_matrix(p: int, q: int, device=None) -> torch.Tensor:
+    """Transcription of the LoRAM reference ``fast_dst_matrix(p, q)`` (fp32 angles): p×q slice of the DST-I
+    matrix of size max(p, q)."""
+    transpose = p < q
+    m, n = (q, p) if transpose else (p, q)
+    k = torch.arange(n, device=device, dtype=torch.float32).unsqueeze(1)
+    i = torch.arange(m, device=device, dtype=torch.float32).unsqueeze(0)
+    basis = torch.sin((i + 1) * (k + 1) * torch.pi / (m + 1))
+    scale = torch.sqrt(torch.tensor(2 / (m + 1), device=device, dtype=torch.float32))
+    out = (scale * basis).T
+    return out.T if transpose else out
+
+
+def loram_reference(W: torch.Tensor, r: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Transcription of the LoRAM reference ``LoraLayer.loram_init`` (minus its print): materialises
+    everything in fp32. Returns (A, B, W_res) with A, B in fp32 (the reference stores them cast to W's dtype)
+    and W_res in W's dtype. The test oracle and the benchmark baseline."""
+    dtype = W.dtype
+    Wf = W.to(torch.float32)
+    Uhr = reference_dst_matrix(r, Wf.shape[1], W.device)
+    Vr = reference_dst_matrix(Wf.shape[0], r, W.device)
+    variance_ratio = (torch.var(Wf) / torch.var(Vr @ Uhr)).item()
+    rho = math.log(r, min(*Wf.shape))
+    beta = math.pow(rho * variance_ratio, 1 / 4)
+    A = (Uhr * beta).contiguous()
+    B = (Vr * beta).contiguous()
+    _ = torch.std(B @ A) / torch.std(Vr @ Uhr)  # the reference computes this for its debug print
+    W_res = (Wf - scaling * B @ A).to(dtype)
+    return A, B, W_res

@@ -1,0 +1,108 @@
+"""The single dispatch point: which backend runs an op.
+
+Backends, best first: ``triton`` (GPU tensors), ``cuda`` (GPU tensors, compiled extension),
+``cpu-ext`` (CPU tensors, compiled extension), ``torch`` (the plain-torch references, always there).
+
+An op module registers one implementation per backend with :func:`register`; :func:`resolve`
+picks the first available backend that has an implementation for the tensor's device.
+``backend=`` or the ``LORAM_FAST_BACKEND`` environment variable forces one; a forced backend that is
+unavailable, or has no implementation of the op, raises ``RuntimeError``. An automatically chosen
+backend that fails to load falls back quietly (one debug log line).
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import os
+from typing import Callable
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("triton", "cuda", "cpu-ext", "torch")
+_GPU_ORDER = ("triton", "cuda", "torch")
+_CPU_ORDER = ("cpu-ext", "torch")
+
+# op name -> backend -> implementation
+_IMPLS: dict[str, dict[str, Callable]] = {}
+
+
+def register(op: str, backend: str):
+    """Decorator: ``fn`` implements ``op`` on ``backend``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"loram_fast.dispatch: unknown backend {backend!r}; valid: {BACKENDS}")
+
+    def deco(fn):
+        _IMPLS.setdefault(op, {})[backend] = fn
+        return fn
+
+    return deco
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(backend: str) -> bool | str:
+    """True when ``backend`` can run here, else a string saying why not. Loading the backend
+    registers its implementations."""
+    if backend == "torch":
+        return True
+    if backend == "triton":
+        if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+            return "no CUDA device (set TRITON_INTERPRET=1 to run Triton kernels on CPU, slowly)"
+        try:
+            importlib.import_module("triton")
+        except Exception as exc:  # pragma: no cover - depends on the environment
+            return f"triton is not importable: {exc}"
+        try:
+            importlib.import_module("loram_fast.triton_kernels")
+        except Exception as exc:  # pragma: no cover
+            return f"loram_fast.triton_kernels failed to import: {exc}"
+        return True
+    if backend in ("cpu-ext", "cuda"):
+        from loram_fast import _ext
+
+        status = _ext.status(cuda=backend == "cuda")
+        return status
+    raise ValueError(f"loram_fast.dispatch: unknown backend {backend!r}; valid: {BACKENDS}")
+
+
+def backends() -> dict[str, bool | str]:
+    """``{backend: True or a string saying why it is unavailable}``."""
+    return {b: _probe(b) for b in BACKENDS}
+
+
+def _forced(backend: str | None) -> str | None:
+    if backend is None:
+        backend = os.environ.get("LORAM_FAST_BACKEND") or None
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"loram_fast: unknown backend {backend!r}; valid: {BACKENDS}")
+    return backend
+
+
+def resolve(op: str, device: torch.device | str, backend: str | None = None) -> tuple[str, Callable]:
+    """(backend name, implementation) for ``op`` on tensors living on ``device``."""
+    device = torch.device(device)
+    forced = _forced(backend)
+    if forced is not None:
+        ok = _probe(forced)
+        if ok is not True:
+            raise RuntimeError(f"loram_fast: backend {forced!r} was requested but is unavailable: {ok}")
+        if forced in ("cuda", "triton") and device.type != "cuda" and not (
+            forced == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+        ):
+            raise RuntimeError(f"loram_fast: backend {forced!r} needs CUDA tensors, got a tensor on {device}")
+        if forced == "cpu-ext" and device.type != "cpu":
+            raise RuntimeError(f"loram_fast: backend 'cpu-ext' needs CPU tensors, got a tensor on {device}")
+        impl = _IMPLS.get(op, {}).get(forced)
+        if impl is None:
+            raise RuntimeError(f"loram_fast: backend {forced!r} has no implementation of op {op!r}")
+        return forced, impl
+    order = _GPU_ORDER if device.type == "cuda" else _CPU_ORDER
+    for name in order:
+        if _probe(name) is not True:
+            continue
+        impl = _IMPLS.get(op, {}).get(name)
+        if impl is not None:
+            return name, impl
+    raise RuntimeError(f"loram_fast: no backend implements op {op!r} on {device}")  # pragma: no cover

@@ -1,0 +1,40 @@
+"""``matmul_f32(A, B)``: fp32 product of two matrices (or batches) of any float dtype.
+
+A (..., m, k) and B (..., k, n) in fp32/fp16/bf16 → fp32 (..., m, n), accumulated in fp32. Used for the
+sketch products of the randomized SVD (``W Ω``, ``Wᵀ Q``): the large operand is read as it is stored,
+never copied whole to fp32.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import dispatch
+
+_CHUNK_ELEMS = 1 << 22
+
+
+@dispatch.register("matmul_f32", "torch")
+def matmul_f32_reference(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Reference: fp32 matmul; a low-precision operand is converted chunk by chunk along m."""
+    if A.dtype == torch.float32 and B.dtype == torch.float32:
+        return torch.matmul(A, B)
+    Bf = B.float()
+    m, k = A.shape[-2], A.shape[-1]
+    batch = A.shape[:-2]
+    nb = 1
+    for d in batch:
+        nb *= d
+    step = max(1, _CHUNK_ELEMS // max(k * max(nb, 1), 1))
+    out = torch.empty(*torch.broadcast_shapes(batch, B.shape[:-2]), m, B.shape[-1], dtype=torch.float32,
+                      device=A.device)
+    for start in range(0, m, step):
+        out[..., start:start + step, :] = torch.matmul(A[..., start:start + step, :].float(), Bf)
+    return out
+
+
+def matmul_f32(A: torch.Tensor, B: torch.Tensor, *, backend=None) -> torch.Tensor:
+    """``A.float() @ B.float()`` without a full fp32 copy of a low-precision A. Shapes as torch.matmul."""
+    if A.dim() < 2 or B.dim() < 2 or A.shape[-1] != B.shape[-2]:
+        raise ValueError(f"loram_fast.matmul_f32: shapes do not chain: {tuple(A.shape)} @ {tuple(B.shape)}")
+    _, impl = dispatch.resolve("matmul_f32", A.device, backend)
+    return impl(A, B)
