@@ -178,28 +178,20 @@ def _compute(method: Method, targets: list[LoraTarget], options: dict, backend, 
     return inits
 
 
-def _write(target: LoraTarget, adapter: str, init: LayerInit, *, rounded_residual: bool, backend) -> None:
-    """Assign the adapters (rounded to the base weight's dtype, as the references store them, held in the
-    adapter parameter's dtype) and write the residual into the base weight."""
-    base_dtype = target.weight.dtype
-    layer = target.layer
+def _set_adapters(target: LoraTarget, adapter: str, A: torch.Tensor, B: torch.Tensor, *, round_to_base=True) -> None:
+    """Assign the adapters rounded to the base weight's dtype (as the references store them), held in the
+    adapter parameters' own dtype (peft's autocast may keep them in fp32)."""
+    base_dtype = target.weight.dtype if round_to_base else A.dtype
     with torch.no_grad():
-        layer.lora_A[adapter].weight.data.copy_(init.A.to(base_dtype))
-        layer.lora_B[adapter].weight.data.copy_(init.B.to(base_dtype))
-        if init.residual:
-            init.apply_residual(target.weight_view(), -1.0, rounded_dtype=base_dtype if rounded_residual else None,
-                                backend=backend)
+        target.layer.lora_A[adapter].weight.data.copy_(A.to(base_dtype))
+        target.layer.lora_B[adapter].weight.data.copy_(B.to(base_dtype))
 
 
-def _undo(target: LoraTarget, adapter: str, init: LayerInit, old: tuple, *, rounded_residual: bool, backend) -> None:
-    base_dtype = target.weight.dtype
-    layer = target.layer
+def _residual(target: LoraTarget, init: LayerInit, sign: float, *, rounded_residual: bool, backend) -> None:
+    """``W += sign · s·B·A`` on the out×in view of the base weight (sign −1 writes, +1 undoes)."""
+    rounded = target.weight.dtype if rounded_residual else None
     with torch.no_grad():
-        if init.residual:
-            init.apply_residual(target.weight_view(), +1.0, rounded_dtype=base_dtype if rounded_residual else None,
-                                backend=backend)
-        layer.lora_A[adapter].weight.data.copy_(old[0])
-        layer.lora_B[adapter].weight.data.copy_(old[1])
+        init.apply_residual(target.weight_view(), sign, rounded_dtype=rounded, backend=backend)
 
 
 def init_targets(method: Method, targets: list[LoraTarget], adapter: str, *, backend=None, progress=True,
@@ -221,14 +213,21 @@ def init_targets(method: Method, targets: list[LoraTarget], adapter: str, *, bac
         bar.set_postfix_str("write")
         try:
             for t, init in zip(targets, inits):
-                old = (t.layer.lora_A[adapter].weight.detach().clone(), t.layer.lora_B[adapter].weight.detach().clone())
+                layer = t.layer
+                old = (layer.lora_A[adapter].weight.detach().clone(), layer.lora_B[adapter].weight.detach().clone())
+                _set_adapters(t, adapter, init.A, init.B)
+                try:
+                    _residual(t, init, -1.0, rounded_residual=rounded_residual, backend=backend)
+                except BaseException:
+                    _set_adapters(t, adapter, *old, round_to_base=False)
+                    raise
                 written.append((t, init, old))
-                _write(t, adapter, init, rounded_residual=rounded_residual, backend=backend)
                 bar.update(1)
         except BaseException:
             logger.error("loram_fast %s: writing failed; restoring %d layer(s)", method.name, len(written))
             for t, init, old in reversed(written):
-                _undo(t, adapter, init, old, rounded_residual=rounded_residual, backend=backend)
+                _residual(t, init, +1.0, rounded_residual=rounded_residual, backend=backend)
+                _set_adapters(t, adapter, *old, round_to_base=False)
             raise
         logger.info("loram_fast %s: initialised %d layers in %.3f s", method.name, len(targets),
                     time.perf_counter() - start)

@@ -52,23 +52,27 @@ def _check(W: torch.Tensor) -> None:
 
 @dispatch.register("weight_moments", "torch")
 def weight_moments_reference(W: torch.Tensor, rows: bool = False, cols: bool = False) -> Moments:
-    """Plain-torch reference: fp64 accumulation over row chunks."""
+    """Plain-torch reference: ``torch.var_mean`` (fp32, as ``torch.var(W.float())``) over row chunks, the
+    chunks combined in fp64 (``sum = n·mean``, ``sumsq = (n−1)·var + n·mean²``). fp32 weights are read in
+    place; fp16/bf16 chunks are converted one at a time."""
     m, n = W.shape
-    step = max(1, _CHUNK_ELEMS // max(n, 1))
+    step = m if W.dtype == torch.float32 else max(1, _CHUNK_ELEMS // max(n, 1))
     total = torch.zeros((), dtype=torch.float64, device=W.device)
     total_sq = torch.zeros((), dtype=torch.float64, device=W.device)
     row_sq = torch.empty(m, dtype=torch.float32, device=W.device) if rows else None
-    col_sq = torch.zeros(n, dtype=torch.float64, device=W.device) if cols else None
+    col_sq = torch.zeros(n, dtype=torch.float32, device=W.device) if cols else None
     for start in range(0, m, step):
-        c = W[start:start + step].double()
-        sq = c * c
-        total += c.sum()
-        total_sq += sq.sum()
+        c = W[start:start + step].float()
+        count = c.numel()
+        var, mean = torch.var_mean(c, correction=0)
+        mean, var = mean.double(), var.double()
+        total += count * mean
+        total_sq += count * (var + mean * mean)
         if rows:
-            row_sq[start:start + step] = sq.sum(1)
+            row_sq[start:start + step] = torch.linalg.vector_norm(c, dim=1).square()
         if cols:
-            col_sq += sq.sum(0)
-    return Moments(m * n, total, total_sq, row_sq, col_sq.float() if cols else None)
+            col_sq += c.square().sum(0)
+    return Moments(m * n, total, total_sq, row_sq, col_sq)
 
 
 def weight_moments(W: torch.Tensor, *, rows: bool = False, cols: bool = False, backend=None) -> Moments:

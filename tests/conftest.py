@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny transformers models built from configs (nothing is downloaded)."""
+import copy
+import warnings
+
+import pytest
+import torch
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+@pytest.fixture(scope="session")
+def llama_base():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def gpt2_base():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=128, n_embd=48, n_layer=2, n_head=4, n_positions=64)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.fixture
+def llama(llama_base):
+    return copy.deepcopy(llama_base)
+
+
+@pytest.fixture
+def gpt2(gpt2_base):
+    return copy.deepcopy(gpt2_base)
+
+
+@pytest.fixture(scope="session")
+def tokens():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 128, (2, 12), generator=g)
+
+
+def logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens).logits.float()
+
+
+def state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_state_equal(model, saved):
+    now = model.state_dict()
+    assert now.keys() == saved.keys()
+    for k, v in saved.items():
+        assert torch.equal(now[k], v), f"{k} changed"

@@ -1,0 +1,107 @@
+"""Torch references of the ops layer and the dispatch point."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from loram_fast.ops import (backends, dispatch, dst_basis, dst_basis_batched, lowrank_update_, matmul_f32,
+                            loram_residual_, weight_moments)
+
+from conftest import relative_error
+
+
+def _np_basis(n, r, kind):
+    i = np.arange(n, dtype=np.float64)[:, None]
+    k = np.arange(r, dtype=np.float64)[None, :]
+    if kind == "dst1":
+        return math.sqrt(2 / (n + 1)) * np.sin(np.pi * (i + 1) * (k + 1) / (n + 1))
+    out = math.sqrt(2 / n) * np.cos(np.pi * (2 * i + 1) * k / (2 * n))
+    out[:, 0] /= math.sqrt(2)
+    return out
+
+
+@pytest.mark.parametrize("n,r", [(37, 5), (1000, 16), (4099, 3)])
+@pytest.mark.parametrize("kind", ["dst1", "dct2"])
+def test_basis_entries_and_orthonormal(n, r, kind):
+    V = dst_basis(n, r, kind=kind)
+    assert V.shape == (n, r) and V.dtype == torch.float32
+    assert np.abs(V.numpy() - _np_basis(n, r, kind)).max() < 2e-7
+    assert torch.allclose(V.double().T @ V.double(), torch.eye(r, dtype=torch.float64), atol=1e-6)
+
+
+def test_basis_exact_angles_for_large_n():
+    n, r = 200_003, 4  # (i+1)(k+1) > 2**19: naive fp32 angles lose ~1e-2 here
+    V = dst_basis(n, r, dtype=torch.float64)
+    i = torch.arange(n, dtype=torch.float64)
+    exact = math.sqrt(2 / (n + 1)) * torch.sin(((i + 1) * 4 % (2 * (n + 1))) * math.pi / (n + 1))
+    assert (V[:, 3] - exact).abs().max() < 1e-12
+
+
+def test_basis_batched_and_errors():
+    outs = dst_basis_batched([(37, 5), (53, 2)], kind="dct2")
+    assert torch.equal(outs[0], dst_basis(37, 5, kind="dct2")) and outs[1].shape == (53, 2)
+    with pytest.raises(ValueError, match="r=6 > n=5"):
+        dst_basis(5, 6)
+    with pytest.raises(ValueError, match="unknown kind"):
+        dst_basis(5, 2, kind="dst2")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_moments(dtype):
+    W = (torch.randn(301, 77) * 0.1 + 0.05).to(dtype)
+    m = weight_moments(W, rows=True, cols=True)
+    Wd = W.double()
+    assert math.isclose(m.variance(), torch.var(Wd).item(), rel_tol=1e-6)  # fp32 accumulation
+    assert math.isclose(m.variance(), torch.var(W.float()).item(), rel_tol=1e-6)
+    assert torch.allclose(m.row_norms().double(), Wd.norm(dim=1), rtol=1e-6)
+    assert torch.allclose(m.col_norms().double(), Wd.norm(dim=0), rtol=1e-6)
+    mt = weight_moments(W.T)  # strided input
+    assert math.isclose(mt.variance(), m.variance(), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_lowrank_update(dtype, transposed):
+    g = torch.Generator().manual_seed(0)
+    W0 = torch.randn(53, 37, generator=g).to(dtype)
+    B, A = torch.randn(53, 4, generator=g), torch.randn(4, 37, generator=g)
+    expect = (W0.float() + 0.3 * B @ A).to(dtype)
+    if transposed:
+        store = W0.T.contiguous().clone()
+        lowrank_update_(store.T, B, A, 0.3)
+        got = store.T
+    else:
+        got = W0.clone()
+        lowrank_update_(got, B, A, 0.3)
+    assert got.dtype == dtype
+    tol = 0 if dtype == torch.float32 else torch.finfo(dtype).eps
+    assert ((got.float() - expect.float()).abs() <= tol * expect.float().abs() + 1e-5).all()
+
+
+def test_loram_residual_matches_lowrank_update():
+    W = torch.randn(37, 53)
+    a, b = W.clone(), W.clone()
+    loram_residual_(a, 0.7, 5, "dst1")
+    lowrank_update_(b, dst_basis(37, 5), dst_basis(53, 5).T, -0.7)
+    assert relative_error(a, b) < 1e-7
+
+
+def test_matmul_f32_low_precision():
+    A = torch.randn(3, 70, 33).bfloat16()
+    B = torch.randn(33, 9)
+    out = matmul_f32(A, B)
+    assert out.dtype == torch.float32
+    assert relative_error(out, A.double() @ B.double()) < 1e-6
+
+
+def test_dispatch_forced_backend(monkeypatch):
+    assert dispatch.resolve("dst_basis", "cpu", "torch")[0] == "torch"
+    unavailable = [b for b, ok in backends().items() if ok is not True]
+    for b in unavailable:
+        with pytest.raises(RuntimeError, match="unavailable"):
+            dst_basis(8, 2, backend=b)
+    with pytest.raises(ValueError, match="unknown backend"):
+        dst_basis(8, 2, backend="fortran")
+    monkeypatch.setenv("LORAM_FAST_BACKEND", "torch")
+    assert dispatch.resolve("weight_moments", "cpu")[0] == "torch"
