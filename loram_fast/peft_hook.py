@@ -23,10 +23,16 @@ def installed() -> bool:
     return getattr(LoraLayer.reset_lora_parameters, _MARK, False)
 
 
-def install() -> None:
-    """Patch ``peft.tuners.lora.LoraLayer.reset_lora_parameters`` (idempotent)."""
+def install(take_over_peft_inits: bool = False) -> None:
+    """Patch ``peft.tuners.lora.LoraLayer.reset_lora_parameters`` (idempotent).
+
+    ``take_over_peft_inits=True`` also routes peft's own ``"pissa"``, ``"pissa_niter_N"`` and ``"olora"`` through
+    loram_fast (same results; batched exact SVD, our randomized SVD with oversampling, panel QR). Off by
+    default: peft's own methods stay peft's. Quantized (bitsandbytes) weights still go to peft's code."""
     from peft.tuners.lora import LoraLayer
 
+    if take_over_peft_inits:
+        _take_over(LoraLayer)
     if installed():
         return
     original = LoraLayer.reset_lora_parameters
@@ -52,9 +58,36 @@ def install() -> None:
     logger.debug("loram_fast: peft hook installed")
 
 
+def _take_over(LoraLayer) -> None:
+    from .api import init_layer
+
+    def route(attr: str, method_of):
+        original = getattr(LoraLayer, attr)
+        if getattr(original, _MARK, False):
+            return
+
+        @functools.wraps(original)
+        def wrapper(self, adapter_name, *args, **kwargs):
+            weight = self.get_base_layer().weight
+            if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16) or weight.device.type == "meta":
+                return original(self, adapter_name, *args, **kwargs)
+            return init_layer(self, adapter_name, method_of(*args))
+
+        setattr(wrapper, _MARK, True)
+        wrapper.__wrapped_original__ = original
+        setattr(LoraLayer, attr, wrapper)
+
+    import torch
+
+    route("pissa_init", lambda init_lora_weights: init_lora_weights)
+    route("olora_init", lambda: "olora")
+
+
 def uninstall() -> None:
-    """Restore peft's original ``reset_lora_parameters``."""
+    """Restore peft's original methods."""
     from peft.tuners.lora import LoraLayer
 
-    if installed():
-        LoraLayer.reset_lora_parameters = LoraLayer.reset_lora_parameters.__wrapped_original__
+    for attr in ("reset_lora_parameters", "pissa_init", "olora_init"):
+        fn = getattr(LoraLayer, attr)
+        if getattr(fn, _MARK, False):
+            setattr(LoraLayer, attr, fn.__wrapped_original__)

@@ -7,10 +7,12 @@ check run before anything is written, and which layer kinds it supports. A new m
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from .methods import loram as _loram
+from .methods import svd as _svd
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,8 @@ class Method:
 
 
 _METHODS: dict[str, Method] = {}
+# parametrised names, e.g. "pissa_niter_4": (regex, display name, factory(match) -> Method)
+_PATTERNS: list[tuple[re.Pattern, str, Callable]] = []
 
 
 def register(method: Method, *, replace: bool = False) -> Method:
@@ -39,20 +43,39 @@ def register(method: Method, *, replace: bool = False) -> Method:
     return method
 
 
+def register_pattern(regex: str, display: str, factory: Callable) -> None:
+    """Register a family of names matching ``regex`` (``factory(match) -> Method``), listed as ``display``."""
+    _PATTERNS.append((re.compile(regex), display, factory))
+
+
 def available_methods() -> list[str]:
-    """Names accepted by ``init_model(method=...)`` and ``LoraConfig(init_lora_weights=...)``."""
-    return sorted(_METHODS)
+    """Names accepted by ``init_model(method=...)`` and ``LoraConfig(init_lora_weights=...)``
+    (``<N>`` stands for a non-negative integer)."""
+    return sorted(list(_METHODS) + [display for _, display, _ in _PATTERNS])
+
+
+def _lookup(name) -> Optional[Method]:
+    if not isinstance(name, str):
+        return None
+    if name in _METHODS:
+        return _METHODS[name]
+    for regex, _, factory in _PATTERNS:
+        match = regex.fullmatch(name)
+        if match:
+            return factory(match)
+    return None
 
 
 def is_registered(name) -> bool:
-    return isinstance(name, str) and name in _METHODS
+    return _lookup(name) is not None
 
 
 def get_method(name) -> Method:
     """The :class:`Method` for ``name``; ``ValueError`` naming it and the valid names otherwise."""
-    if not is_registered(name):
+    method = _lookup(name)
+    if method is None:
         raise ValueError(f"loram_fast: unknown init method {name!r}; available methods: {', '.join(available_methods())}")
-    return _METHODS[name]
+    return method
 
 
 def _loram_method(name: str, kind: str, description: str) -> Method:
@@ -67,3 +90,38 @@ def _loram_method(name: str, kind: str, description: str) -> Method:
 
 register(_loram_method("loram", "dst1", "LoRAM: DST-I bases scaled by the weight's magnitude, residual in W"))
 register(_loram_method("loram_dct", "dct2", "LoRAM with orthonormal DCT-II bases (a loram_fast extension)"))
+
+
+def _svd_method(name: str, which: str, niter: Optional[int], description: str, reference: str) -> Method:
+    def init_batch(views, r, scalings, *, backend=None, bases=None, **options):
+        return _svd.svd_init_batch(views, r, scalings, which=which, niter=niter, backend=backend, **options)
+
+    def init(W, r, scaling, *, backend=None, bases=None, **options):
+        return init_batch([W], r, [scaling], backend=backend, **options)[0]
+
+    options = frozenset({"oversample"}) if niter is not None else frozenset()
+    return Method(name=name, init=init, init_batch=init_batch, residual=True, description=description,
+                  options=options, check=_svd.check_rank, reference=reference)
+
+
+def _olora_method() -> Method:
+    def init_batch(views, r, scalings, *, backend=None, bases=None):
+        return _svd.olora_init_batch(views, r, scalings, backend=backend)
+
+    def init(W, r, scaling, *, backend=None, bases=None):
+        return init_batch([W], r, [scaling], backend=backend)[0]
+
+    return Method(name="olora", init=init, init_batch=init_batch, residual=True,
+                  description="OLoRA: A = R[:r], B = Q[:, :r] of W = QR (from an out×r panel), residual in W",
+                  check=_svd.check_rank, reference="peft LoraLayer.olora_init; arXiv 2406.01775")
+
+
+register(_svd_method("pissa", "top", None, "PiSSA: top-r singular triplets (exact SVD), sqrt(S/s) split, residual in W",
+                     "peft LoraLayer.pissa_init; arXiv 2404.02948"))
+register(_svd_method("milora", "bottom", None,
+                     "MiLoRA: the r smallest singular triplets (exact SVD), sqrt(S/s) split, residual in W",
+                     "arXiv 2406.09044 (reproduction: svd_init.py, mode='min')"))
+register(_olora_method())
+register_pattern(r"pissa_niter_(\d+)", "pissa_niter_<N>", lambda m: _svd_method(
+    m.group(0), "top", int(m.group(1)),
+    "PiSSA on loram_fast.randomized_svd with N power iterations and oversampling", "peft LoraLayer.pissa_init"))

@@ -1,0 +1,100 @@
+"""SVD-family inits: PiSSA (principal components), MiLoRA (minor components), OLoRA (QR).
+
+For W (out×in) with SVD ``W = U diag(S) Vh``, rank r, LoRA scaling s:
+- PiSSA (peft ``pissa_init``):   ``A = diag(sqrt(S_r/s)) Vh_r``, ``B = U_r diag(sqrt(S_r/s))`` with the top r
+  triplets, so ``s·B A = U_r S_r Vh_r`` (the best rank-r approximation) and ``W ← W − s·B A``.
+  ``pissa`` uses the exact SVD (as peft); ``pissa_niter_N`` our randomized SVD with N power iterations and
+  oversampling (peft calls ``torch.svd_lowrank`` with q = r and no oversampling).
+- MiLoRA (arXiv 2406.09044): the same split with the r *smallest* triplets; the residual keeps the principal part.
+- OLoRA (peft ``olora_init``): ``W = Q R``; ``A = R[:r]``, ``B = Q[:, :r]`` (no division by s), ``W ← W − s·B A``.
+  Only the first r columns matter: ``Q[:, :r]`` is the Q factor of ``W[:, :r]`` and ``R[:r] = Q[:, :r]ᵀ W``, so we
+  factor an out×r panel and make one GEMM instead of a full QR (same Householder result, O(out·in·r)).
+
+Every function takes a batch of same-shaped weights (b, out, in), any float dtype, and returns fp32 factors.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..ops.matmul import matmul_f32
+from .common import LayerInit
+
+# fp32 bytes of one stacked batch: larger groups are processed in several batches
+BATCH_BYTES = 512 << 20
+
+
+def split_sqrt(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, scaling: torch.Tensor):
+    """PiSSA's split: ``A = diag(sqrt(S/s)) Vh``, ``B = U diag(sqrt(S/s))`` (batched; scaling shape (b,))."""
+    root = (S / scaling[:, None]).sqrt()
+    return root[..., :, None] * Vh, U * root[..., None, :]
+
+
+def _check_finite(W: torch.Tensor, name: str) -> None:
+    if not bool(torch.isfinite(W).all()):
+        raise ValueError(f"loram_fast.{name}: the weight holds NaN or Inf values")
+
+
+def svd_factors(W: torch.Tensor, r: int, scalings: torch.Tensor, *, which: str, niter: int | None,
+                oversample: int = 8, backend=None):
+    """(A, B) batched for PiSSA (``which="top"``) or MiLoRA (``"bottom"``) on W (b, out, in)."""
+    name = "pissa" if which == "top" else "milora"
+    if niter is None:
+        Wf = W.float()
+        _check_finite(Wf, name)
+        U, S, Vh = torch.linalg.svd(Wf, full_matrices=False)
+        del Wf
+        if which == "top":
+            U, S, Vh = U[..., :, :r], S[..., :r], Vh[..., :r, :]
+        else:
+            U, S, Vh = U[..., :, -r:], S[..., -r:], Vh[..., -r:, :]
+    else:
+        from ..ops.rsvd import randomized_svd
+
+        U, S, Vh = randomized_svd(W, r, oversample=oversample, niter=niter, backend=backend)
+    return split_sqrt(U, S, Vh, scalings)
+
+
+def qr_factors(W: torch.Tensor, r: int, *, backend=None):
+    """OLoRA's (A, B) = (R[:r], Q[:, :r]) of ``W = QR``, batched on W (b, out, in), from the out×r panel."""
+    panel = W[..., :, :r].float()
+    _check_finite(panel, "olora")
+    Q, _ = torch.linalg.qr(panel)
+    # R[:r] = Q_rᵀ W (its first r columns equal the panel's R, the rest the projection of W)
+    A = matmul_f32(W.transpose(-1, -2), Q, backend=backend).transpose(-1, -2)
+    if not bool(torch.isfinite(A).all()):
+        raise ValueError("loram_fast.olora: the weight holds NaN or Inf values")
+    return A, Q
+
+
+def _batched(views: list[torch.Tensor], fn, scalings: list[float]):
+    """Run ``fn(stacked, scalings)`` over memory-bounded batches of same-shaped weights."""
+    m, n = views[0].shape
+    per = max(1, BATCH_BYTES // (4 * m * n))
+    out = []
+    for start in range(0, len(views), per):
+        chunk = views[start:start + per]
+        W = torch.stack(chunk) if len(chunk) > 1 else chunk[0].unsqueeze(0)
+        s = torch.tensor(scalings[start:start + per], dtype=torch.float32, device=W.device)
+        A, B = fn(W, s)
+        out.extend(zip(A.unbind(0), B.unbind(0)))
+    return out
+
+
+def svd_init_batch(views, r, scalings, *, which="top", niter=None, oversample=8, backend=None, bases=None):
+    """LayerInits for PiSSA/MiLoRA on same-shaped weights (one batched factorisation per memory batch)."""
+    pairs = _batched(views, lambda W, s: svd_factors(W, r, s, which=which, niter=niter, oversample=oversample,
+                                                      backend=backend), scalings)
+    return [LayerInit(A=A.contiguous(), B=B.contiguous(), scaling=s) for (A, B), s in zip(pairs, scalings)]
+
+
+def olora_init_batch(views, r, scalings, *, backend=None, bases=None):
+    """LayerInits for OLoRA on same-shaped weights."""
+    pairs = _batched(views, lambda W, s: qr_factors(W, r, backend=backend), scalings)
+    return [LayerInit(A=A.contiguous(), B=B.contiguous(), scaling=s) for (A, B), s in zip(pairs, scalings)]
+
+
+def check_rank(shape: tuple[int, int], r: int, **_) -> str | None:
+    m, n = shape
+    if r > min(m, n):
+        return f"rank r={r} exceeds min(out, in)={min(m, n)} of the {m}×{n} weight; use r <= {min(m, n)}"
+    return None
