@@ -178,13 +178,38 @@ def _compute(method: Method, targets: list[LoraTarget], options: dict, backend, 
     return inits
 
 
-def _set_adapters(target: LoraTarget, adapter: str, A: torch.Tensor, B: torch.Tensor, *, round_to_base=True) -> None:
-    """Assign the adapters rounded to the base weight's dtype (as the references store them), held in the
-    adapter parameters' own dtype (peft's autocast may keep them in fp32)."""
-    base_dtype = target.weight.dtype if round_to_base else A.dtype
+def _set_adapters(target: LoraTarget, adapter: str, mats: dict, *, round_to_base=True) -> None:
+    """Assign adapter matrices ``{module name: tensor}`` (``lora_A``, ``lora_B``, extras such as ``lora_N``),
+    rounded to the base weight's dtype (as the references store them) and held in the adapter parameters' own
+    dtype (peft's autocast may keep them in fp32)."""
     with torch.no_grad():
-        target.layer.lora_A[adapter].weight.data.copy_(A.to(base_dtype))
-        target.layer.lora_B[adapter].weight.data.copy_(B.to(base_dtype))
+        for name, value in mats.items():
+            param = getattr(target.layer, name)[adapter].weight
+            param.data.copy_(value.to(target.weight.dtype) if round_to_base else value)
+
+
+def _snapshot(target: LoraTarget, adapter: str, init: LayerInit) -> dict:
+    """The adapter matrices (and trainable flags) that writing ``init`` replaces: small, kept for rollback."""
+    names = ["lora_A", "lora_B", *init.extra]
+    layer = target.layer
+    return {n: (getattr(layer, n)[adapter].weight.detach().clone(), getattr(layer, n)[adapter].weight.requires_grad)
+            for n in names if adapter in getattr(layer, n, {})}
+
+
+def _restore(target: LoraTarget, adapter: str, snap: dict) -> None:
+    _set_adapters(target, adapter, {n: v for n, (v, _) in snap.items()}, round_to_base=False)
+    for n, (_, flag) in snap.items():
+        getattr(target.layer, n)[adapter].weight.requires_grad_(flag)
+
+
+def _write_adapters(target: LoraTarget, adapter: str, init: LayerInit) -> None:
+    if init.extra:
+        from .peft_hook import ensure_adapter_modules
+
+        ensure_adapter_modules(target.layer, adapter, init.extra)
+    _set_adapters(target, adapter, {"lora_A": init.A, "lora_B": init.B, **init.extra})
+    for name in init.frozen:
+        getattr(target.layer, name)[adapter].weight.requires_grad_(False)
 
 
 def _residual(target: LoraTarget, init: LayerInit, sign: float, *, rounded_residual: bool, backend) -> None:
@@ -209,25 +234,24 @@ def init_targets(method: Method, targets: list[LoraTarget], adapter: str, *, bac
         inits = _compute(method, targets, options, backend, bar)
         logger.info("loram_fast %s: computed %d layers in %.3f s", method.name, len(targets),
                     time.perf_counter() - start)
-        written: list[tuple[LoraTarget, LayerInit, tuple]] = []
+        written: list[tuple[LoraTarget, LayerInit, dict]] = []
         bar.set_postfix_str("write")
         try:
             for t, init in zip(targets, inits):
-                layer = t.layer
-                old = (layer.lora_A[adapter].weight.detach().clone(), layer.lora_B[adapter].weight.detach().clone())
-                _set_adapters(t, adapter, init.A, init.B)
+                snap = _snapshot(t, adapter, init)
+                _write_adapters(t, adapter, init)
                 try:
                     _residual(t, init, -1.0, rounded_residual=rounded_residual, backend=backend)
                 except BaseException:
-                    _set_adapters(t, adapter, *old, round_to_base=False)
+                    _restore(t, adapter, snap)
                     raise
-                written.append((t, init, old))
+                written.append((t, init, snap))
                 bar.update(1)
         except BaseException:
             logger.error("loram_fast %s: writing failed; restoring %d layer(s)", method.name, len(written))
-            for t, init, old in reversed(written):
+            for t, init, snap in reversed(written):
                 _residual(t, init, +1.0, rounded_residual=rounded_residual, backend=backend)
-                _set_adapters(t, adapter, *old, round_to_base=False)
+                _restore(t, adapter, snap)
             raise
         logger.info("loram_fast %s: initialised %d layers in %.3f s", method.name, len(targets),
                     time.perf_counter() - start)

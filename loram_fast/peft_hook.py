@@ -91,3 +91,12 @@ def uninstall() -> None:
         fn = getattr(LoraLayer, attr)
         if getattr(fn, _MARK, False):
             setattr(LoraLayer, attr, fn.__wrapped_original__)
+
+
+def ensure_adapter_modules(layer, adapter_name: str, extra: dict) -> None:
+    """Make sure ``layer`` holds the extra adapter modules named in ``extra`` (e.g. ``lora_N``) for
+    ``adapter_name``. Three-matrix methods provide the modules through their peft LoRA variant."""
+    missing = [name for name in extra if adapter_name not in getattr(layer, name, {})]
+    if missing:
+        raise NotImplementedError(f"loram_fast: the LoRA layer has no {', '.join(missing)} for adapter "
+                                  f"{adapter_name!r}; create the adapter with the method's init_lora_weights")

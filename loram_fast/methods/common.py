@@ -15,7 +15,8 @@ class LayerInit:
 
     ``residual=True`` means the base weight becomes ``W − scaling · B @ A``. ``fused(W, sign)``, when set,
     performs ``W += sign · scaling · B @ A`` in place without reading B and A (e.g. LoRAM's basis kernel).
-    ``extra`` holds further matrices of three-matrix methods.
+    ``extra`` holds further adapter matrices by module name (e.g. ``{"lora_N": N}`` r×r for the three-matrix
+    methods); ``frozen`` names the adapter modules that must not train (e.g. IntTune freezes A and B).
     """
 
     A: torch.Tensor
@@ -24,6 +25,7 @@ class LayerInit:
     residual: bool = True
     fused: Optional[Callable[[torch.Tensor, float], None]] = None
     extra: dict = field(default_factory=dict)
+    frozen: tuple = ()
 
     def apply_residual(self, W: torch.Tensor, sign: float = -1.0, *, rounded_dtype=None, backend=None) -> None:
         """``W ← W + sign · scaling · B @ A`` in place (sign −1 writes the residual, +1 undoes it).
