@@ -38,9 +38,12 @@ class LayerInit:
         if rounded_dtype is None and self.fused is not None:
             self.fused(W, sign)
             return
-        A, B = self.A, self.B
+        A, B, N = self.A, self.B, self.extra.get("lora_N")
         if rounded_dtype is not None:
             A, B = A.to(rounded_dtype).float(), B.to(rounded_dtype).float()
+            N = None if N is None else N.to(rounded_dtype).float()
+        if N is not None:  # three-matrix methods: the product is B N A
+            B = B @ N
         lowrank_update_(W, B, A, sign * self.scaling, backend=backend)
 
 
