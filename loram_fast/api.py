@@ -145,14 +145,17 @@ def _check_options(method: Method, options: dict) -> None:
                         f"accepted options: {valid}")
 
 
-def _compute(method: Method, targets: list[LoraTarget], options: dict, backend, progress) -> list[LayerInit]:
-    """Adapters for every target, read-only. Errors name the module."""
+def _compute(method: Method, targets: list[LoraTarget], options: dict, backend, progress,
+             per_layer: Optional[list[dict]] = None) -> list[LayerInit]:
+    """Adapters for every target, read-only. Errors name the module. Methods with a batched form get same-shaped
+    weights together; the others run in module order (so seeded randomness matches a layer-by-layer reference)."""
     bases: dict = {}
     inits: list[Optional[LayerInit]] = [None] * len(targets)
     groups: dict = {}
     for i, t in enumerate(targets):
         W = t.weight
-        groups.setdefault((t.shape, W.dtype, W.device, t.r), []).append(i)
+        key = (t.shape, W.dtype, W.device, t.r) if method.init_batch is not None else i
+        groups.setdefault(key, []).append(i)
     for idx in groups.values():
         views = [targets[i].weight_view() for i in idx]
         if method.init_batch is not None and len(idx) > 1:
@@ -170,7 +173,8 @@ def _compute(method: Method, targets: list[LoraTarget], options: dict, backend, 
         for i, W in zip(idx, views):
             t = targets[i]
             try:
-                inits[i] = method.init(W, t.r, t.scaling, backend=backend, bases=bases, **options)
+                extra = per_layer[i] if per_layer is not None else {}
+                inits[i] = method.init(W, t.r, t.scaling, backend=backend, bases=bases, **options, **extra)
             except (ValueError, TypeError) as exc:
                 raise type(exc)(f"{t.describe()}: {exc}") from exc
             if progress is not None:
@@ -220,18 +224,20 @@ def _residual(target: LoraTarget, init: LayerInit, sign: float, *, rounded_resid
 
 
 def init_targets(method: Method, targets: list[LoraTarget], adapter: str, *, backend=None, progress=True,
-                 rounded_residual: bool = False, options: Optional[dict] = None, in_init_model: bool = True) -> None:
+                 rounded_residual: bool = False, options: Optional[dict] = None, in_init_model: bool = True,
+                 per_layer: Optional[list[dict]] = None, validated: bool = False) -> None:
     """Validate, compute and write ``targets`` transactionally (see module docstring)."""
     options = dict(options or {})
-    _check_options(method, options)
-    for t in targets:
-        validate(method, t, adapter, options, in_init_model=in_init_model)
+    if not validated:
+        _check_options(method, options)
+        for t in targets:
+            validate(method, t, adapter, options, in_init_model=in_init_model)
     bar = tqdm(total=2 * len(targets), desc=f"loram_fast {method.name}", disable=not progress or not targets,
                unit="step", leave=False)
     try:
         start = time.perf_counter()
         bar.set_postfix_str("compute")
-        inits = _compute(method, targets, options, backend, bar)
+        inits = _compute(method, targets, options, backend, bar, per_layer)
         logger.info("loram_fast %s: computed %d layers in %.3f s", method.name, len(targets),
                     time.perf_counter() - start)
         written: list[tuple[LoraTarget, LayerInit, dict]] = []
@@ -270,6 +276,10 @@ def init_model(model: nn.Module, method: str = "loram", *, adapter_name: Optiona
     convention) instead of the unrounded fp32 factors (the references' default). ``**options`` go to the method
     (see ``loram_fast.available_methods()`` and the README). Returns ``model``.
 
+    Data-driven methods (``lora_one``, ``lora_ga``) take ``dataloader=`` (dict batches; loss ``model(**batch).loss``),
+    optionally ``loss_fn=(model, batch) -> loss``, or ``train_step=callable``; ``gradient_mode="full"`` (default) or
+    ``"sketch"`` (never holds a full gradient; ``sketch_rank=`` sets its rank), ``max_batches=``.
+
     Raises ``ValueError`` (unknown method, bad shapes, NaN/Inf weights), ``TypeError`` (unsupported dtype or
     option) or ``NotImplementedError`` (unsupported layer kind), naming the module, before anything is written.
 
@@ -277,16 +287,36 @@ def init_model(model: nn.Module, method: str = "loram", *, adapter_name: Optiona
     >>> loram_fast.init_model(model, method="loram")
     """
     spec = get_method(method)
-    if spec.needs_data:
-        raise NotImplementedError(f"loram_fast: method {method!r} needs data, which this version does not accept yet")
+    data = {k: options.pop(k) for k in DATA_OPTIONS if k in options}
+    if data and not spec.needs_data:
+        raise TypeError(f"loram_fast: method {method!r} takes no data; got {', '.join(sorted(data))}")
     adapter = adapter_name or default_adapter(model)
     targets = find_lora_layers(model, adapter)
     if not targets:
         raise ValueError(f"loram_fast.init_model: no peft LoRA layer holds adapter {adapter!r}")
     logger.info("loram_fast %s: %d LoRA layers of adapter %r", method, len(targets), adapter)
+    _check_options(spec, options)
+    for t in targets:
+        validate(spec, t, adapter, options)
+    per_layer = None
+    if spec.needs_data:
+        from .data import estimate_gradients
+
+        if "gradient_mode" in data:
+            data["mode"] = data.pop("gradient_mode")
+        start = time.perf_counter()
+        grads = estimate_gradients(model, [t.weight for t in targets], [t.fan_in_fan_out for t in targets],
+                                   [t.layer for t in targets], base_layers=[t.layer.get_base_layer() for t in targets],
+                                   **data)
+        logger.info("loram_fast %s: estimated %d gradients in %.3f s", method, len(grads), time.perf_counter() - start)
+        per_layer = [{"grad": g} for g in grads]
     init_targets(spec, targets, adapter, backend=backend, progress=progress, rounded_residual=rounded_residual,
-                 options=options)
+                 options=options, per_layer=per_layer, validated=True)
     return model
+
+
+# init_model keywords that feed the gradient estimation of data-driven methods (see loram_fast.data)
+DATA_OPTIONS = ("dataloader", "loss_fn", "train_step", "gradient_mode", "sketch_rank", "max_batches")
 
 
 def init_layer(layer, adapter_name: str, method: str, **options) -> None:

@@ -39,10 +39,18 @@ def install(take_over_peft_inits: bool = False) -> None:
 
     @functools.wraps(original)
     def reset_lora_parameters(self, adapter_name, init_lora_weights, *args, **kwargs):
-        from .registry import is_registered
+        from .registry import get_method, is_registered
 
         if is_registered(init_lora_weights):
             from .api import init_layer
+
+            if get_method(init_lora_weights).needs_data:
+                # no data here (e.g. PeftModel.from_pretrained, whose saved weights overwrite the init anyway):
+                # peft's default init, as peft does for its own "lora_ga"
+                logger.warning("loram_fast: %r needs data; LoraConfig gives none, so the layer gets peft's default "
+                               "init. Use loram_fast.init_model(model, %r, dataloader=...) to initialise it.",
+                               init_lora_weights, init_lora_weights)
+                return original(self, adapter_name, True, *args, **kwargs)
 
             weight = self.get_base_layer().weight
             if weight.device.type == "meta":

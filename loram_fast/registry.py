@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from .methods import gradient as _gradient
 from .methods import loram as _loram
 from .methods import svd as _svd
 
@@ -125,3 +126,30 @@ register(_olora_method())
 register_pattern(r"pissa_niter_(\d+)", "pissa_niter_<N>", lambda m: _svd_method(
     m.group(0), "top", int(m.group(1)),
     "PiSSA on loram_fast.randomized_svd with N power iterations and oversampling", "peft LoraLayer.pissa_init"))
+
+
+def _lora_ga_options(lora_ga_config=None, **options):
+    """Accept peft's ``LoraGAConfig`` as well as the keyword options."""
+    if lora_ga_config is not None:
+        for key in ("direction", "scale", "stable_gamma"):
+            options.setdefault(key, getattr(lora_ga_config, key))
+    return options
+
+
+register(Method(
+    name="lora_one",
+    init=lambda W, r, scaling, *, backend=None, bases=None, **o: _gradient.lora_one_init(W, r, scaling, backend=backend,
+                                                                                           **o),
+    residual=False, needs_data=True,
+    description="LoRA-One: SVD of the negative one-step full gradient, sqrt(S)/sqrt(sigma1*gamma) split; W untouched",
+    options=frozenset({"scale", "gamma", "solver", "niter"}), check=_gradient.check_rank,
+    reference="YuanheZ/LoRA-One run_exp.py (direction LoRA-One); arXiv 2502.01235"))
+register(Method(
+    name="lora_ga",
+    init=lambda W, r, scaling, *, backend=None, bases=None, **o: _gradient.lora_ga_init(
+        W, r, scaling, backend=backend, **_lora_ga_options(**o)),
+    residual=True, needs_data=True,
+    description="LoRA-GA (peft's): top-2r gradient SVD split between A and B, scaled; residual in W",
+    options=frozenset({"direction", "scale", "stable_gamma", "solver", "lora_ga_config"}),
+    check=lambda shape, r, **o: _gradient.check_lora_ga_rank(shape, r),
+    reference="peft LoraLayer.lora_ga_init + loraga.py; arXiv 2407.05000"))

@@ -1,0 +1,212 @@
+"""Gradient estimation from data, for the gradient-based inits (LoRA-One, LoRA-GA).
+
+``estimate_gradients(model, weights, ...)`` returns, for each target base weight, the mean over batches of
+∂loss/∂W with the adapters disabled, as an fp32 out×in matrix on the weight's device.
+
+How the data comes in (one of):
+- ``dataloader``: an iterable of batches; each batch is a dict for the model, the loss is ``model(**batch).loss``,
+  or ``loss_fn(model, batch)`` when given;
+- ``train_step``: a callable that runs forward and backward itself (peft's LoRA-GA convention); the mean is
+  over the backward passes that reached each weight.
+
+Modes:
+- ``"full"``: each weight's gradient is accumulated in fp32 on its device by a post-accumulate-grad hook, which
+  frees ``.grad`` at once (no host round trips; one fp32 out×in accumulator per weight).
+- ``"sketch"``: no full gradient is ever held. Hooks capture each layer's input X (tokens×in) and output gradient
+  Δ (tokens×out), and accumulate two random sketches of ``G = Δᵀ X``: ``Y = G Ω = Δᵀ (X Ω)`` (out×k) and
+  ``Z = Ψ G = (Ψ Δᵀ) X`` (l×in), with Gaussian Ω (in×k), Ψ (l×out), k = rank + oversample, l = 2k + 1.
+  The low-rank approximation is ``G ≈ Q (Ψ Q)⁺ Z`` with ``Q = orth(Y)`` (Tropp, Yurtsever, Udell, Cevher 2017,
+  single-pass streaming). Exact when rank(G) ≤ k (G's rank is at most the number of tokens seen).
+
+Everything the estimation changes is restored afterwards: ``requires_grad`` flags, ``.grad`` of every
+parameter, training mode, and the adapters' enabled state.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SketchedGradient:
+    """A low-rank gradient ``G ≈ left @ right`` (out×k @ k×in), from the sketch mode."""
+
+    left: torch.Tensor
+    right: torch.Tensor
+
+    @property
+    def shape(self):
+        return (self.left.shape[0], self.right.shape[1])
+
+    def dense(self) -> torch.Tensor:
+        return self.left @ self.right
+
+
+def _move(batch, device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: _move(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_move(v, device) for v in batch)
+    return batch
+
+
+@contextlib.contextmanager
+def _estimation_state(model: nn.Module, lora_layers: list, train: bool):
+    """Freeze every parameter, keep their .grad aside, disable adapters, set the mode; restore on exit."""
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    grads = [p.grad for p in params]
+    mode = model.training
+    disabled = [getattr(layer, "disable_adapters", False) for layer in lora_layers]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+        for layer in lora_layers:
+            layer.enable_adapters(False)
+        model.train(train)
+        yield
+    finally:
+        for p, flag, grad in zip(params, flags, grads):
+            p.requires_grad_(flag)
+            p.grad = grad
+        for layer, was_disabled in zip(lora_layers, disabled):
+            layer.enable_adapters(not was_disabled)
+        model.train(mode)
+
+
+def _run(model, dataloader, loss_fn, train_step, max_batches) -> int:
+    if train_step is not None:
+        if dataloader is not None or loss_fn is not None:
+            raise ValueError("loram_fast: pass either train_step or dataloader (with an optional loss_fn), not both")
+        train_step()
+        return 1
+    if dataloader is None:
+        raise ValueError("loram_fast: gradient-based methods need data: pass dataloader=batches (dicts for the "
+                         "model; loss = model(**batch).loss), optionally loss_fn=(model, batch) -> loss, or "
+                         "train_step=callable that runs forward and backward itself")
+    device = next(model.parameters()).device
+    n = 0
+    for batch in dataloader:
+        if max_batches is not None and n >= max_batches:
+            break
+        batch = _move(batch, device)
+        loss = loss_fn(model, batch) if loss_fn is not None else model(**batch).loss
+        if loss is None or not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            raise ValueError("loram_fast: the loss must be a scalar tensor (model(**batch).loss or loss_fn's result)")
+        loss.backward()
+        n += 1
+    if n == 0:
+        raise ValueError("loram_fast: the dataloader yielded no batch")
+    return n
+
+
+def estimate_gradients(model: nn.Module, weights: list[nn.Parameter], views: list[bool], lora_layers: list, *,
+                       dataloader: Optional[Iterable] = None, loss_fn: Optional[Callable] = None,
+                       train_step: Optional[Callable] = None, mode: str = "full", sketch_rank: int = 64,
+                       oversample: int = 8, max_batches: Optional[int] = None, train: bool = True,
+                       seed: int = 0, base_layers: Optional[list] = None):
+    """Mean gradient of each weight in ``weights`` (``views[i]``: the weight is stored transposed, in×out);
+    see the module docstring. Returns fp32 out×in tensors (``"full"``) or :class:`SketchedGradient` (``"sketch"``)."""
+    if mode not in ("full", "sketch"):
+        raise ValueError(f"loram_fast: unknown gradient mode {mode!r}; valid: full, sketch")
+    with _estimation_state(model, lora_layers, train):
+        if mode == "full":
+            return _full(model, weights, views, dataloader, loss_fn, train_step, max_batches)
+        return _sketch(model, weights, views, base_layers, dataloader, loss_fn, train_step, max_batches,
+                       sketch_rank + oversample, seed)
+
+
+def _full(model, weights, views, dataloader, loss_fn, train_step, max_batches):
+    accum = [torch.zeros(w.shape, dtype=torch.float32, device=w.device) for w in weights]
+    counts = [0] * len(weights)
+    handles = []
+    for i, w in enumerate(weights):
+        w.requires_grad_(True)
+
+        def hook(p, i=i):
+            accum[i].add_(p.grad)
+            counts[i] += 1
+            p.grad = None
+
+        handles.append(w.register_post_accumulate_grad_hook(hook))
+    try:
+        _run(model, dataloader, loss_fn, train_step, max_batches)
+    finally:
+        for h in handles:
+            h.remove()
+    out = []
+    for acc, count, transposed, w in zip(accum, counts, views, weights):
+        if count == 0:
+            raise ValueError(f"loram_fast: no gradient reached a target weight of shape {tuple(w.shape)}; is the "
+                             "layer part of the loss?")
+        acc.div_(count)
+        out.append(acc.T if transposed else acc)
+    return out
+
+
+def _sketch(model, weights, views, base_layers, dataloader, loss_fn, train_step, max_batches, k, seed):
+    from .ops.rsvd import cholesky_qr
+
+    states = []
+    handles = []
+    for w, transposed, layer in zip(weights, views, base_layers):
+        out_f, in_f = (w.shape[1], w.shape[0]) if transposed else (w.shape[0], w.shape[1])
+        g = torch.Generator(device=w.device).manual_seed(seed + len(states))
+        kk, ll = min(k, out_f, in_f), min(2 * k + 1, out_f)
+        st = {
+            "omega": torch.randn(in_f, kk, generator=g, device=w.device),
+            "psi": torch.randn(ll, out_f, generator=g, device=w.device),
+            "Y": torch.zeros(out_f, kk, device=w.device),
+            "Z": torch.zeros(ll, in_f, device=w.device),
+            "count": 0,
+        }
+        states.append(st)
+
+        def pre_hook(module, args, st=st):
+            x = args[0]
+            if not x.requires_grad:  # nothing upstream needs a gradient: make the input a leaf that does
+                x = x.detach().requires_grad_(True)
+            st["x"] = x.detach()
+            return (x, *args[1:])
+
+        def fwd_hook(module, args, output, st=st):
+            x = st.pop("x")  # kept alive by the hook below until the backward pass reaches this output
+
+            def grad_hook(delta, x=x, st=st):
+                X = x.reshape(-1, x.shape[-1]).float()
+                D = delta.reshape(-1, delta.shape[-1]).float()
+                st["Y"].add_(D.T @ (X @ st["omega"]))  # G Ω = Δᵀ (X Ω)
+                st["Z"].add_((D @ st["psi"].T).T @ X)  # Ψ G = (Ψ Δᵀ) X
+                st["count"] += 1
+
+            output.register_hook(grad_hook)
+            return output
+
+        handles.append(layer.register_forward_pre_hook(pre_hook))
+        handles.append(layer.register_forward_hook(fwd_hook))
+    try:
+        batches = _run(model, dataloader, loss_fn, train_step, max_batches)
+    finally:
+        for h in handles:
+            h.remove()
+    out = []
+    for st, w in zip(states, weights):
+        if st["count"] == 0:
+            raise ValueError(f"loram_fast: no gradient reached a target weight of shape {tuple(w.shape)}; is the "
+                             "layer part of the loss?")
+        denom = batches if train_step is None else st["count"]
+        Y, Z = st["Y"] / denom, st["Z"] / denom
+        Q = cholesky_qr(Y)
+        core = torch.linalg.lstsq(st["psi"] @ Q, Z).solution  # k×in
+        out.append(SketchedGradient(left=Q, right=core))
+    return out
