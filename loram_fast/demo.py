@@ -4,7 +4,8 @@ available init method with ``init_model``, and report method / time / output cha
     python -m loram_fast.demo [--hidden 1024] [--layers 4] [--rank 16] [--dtype float32]
 
 "Output change" is ‖logits_after − logits_before‖ / ‖logits_before‖ at step 0: methods that write a
-residual keep it at rounding level. The last row times the LoRAM reference code path (a transcription of
+residual keep it at rounding level. Gradient-based methods get two random token batches as their data (their
+time includes the gradient estimation). The last row times the LoRAM reference code path (a transcription of
 its ``loram_init``, applied layer by layer) on the same model for comparison.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 import torch
 
 from . import available_methods, get_method, init_model
-from .methods.loram import loram_reference
+from .baselines import reference_loram_model
 
 
 def build_model(hidden: int, layers: int, dtype: torch.dtype, seed: int = 0):
@@ -49,28 +50,24 @@ def run(hidden=1024, layers=4, rank=16, alpha=32, dtype=torch.float32, methods=N
     base = build_model(hidden, layers, dtype)
     tokens = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
     before = _logits(base, tokens)
+    # a few random token batches stand in for training data for the gradient-based methods
+    g = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": (t := torch.randint(0, 1000, (2, 32), generator=g)), "labels": t} for _ in range(2)]
     rows = []
-    for name in methods or available_methods():
+    names = methods or [m.replace("<N>", "4") for m in available_methods()]
+    for name in names:
         spec = get_method(name)
-        if spec.needs_data:
-            continue
+        data = {"dataloader": batches} if spec.needs_data else {}
         model = get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGETS))
         start = time.perf_counter()
-        init_model(model, method=name, progress=False)
+        init_model(model, method=name, progress=False, **data)
         rows.append(_row(name, time.perf_counter() - start, before, _logits(model, tokens),
-                         "residual in W" if spec.residual else "W untouched"))
+                         ("residual in W" if spec.residual else "W untouched")
+                         + (", gradient from 2 random batches" if spec.needs_data else "")))
     # the LoRAM reference code path, layer by layer, for comparison
     model = get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGETS))
-    from peft.tuners.lora import LoraLayer
-
     start = time.perf_counter()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, LoraLayer):
-                A, B, W_res = loram_reference(module.base_layer.weight, rank, module.scaling["default"])
-                module.lora_A["default"].weight.data = A.to(module.lora_A["default"].weight.dtype)
-                module.lora_B["default"].weight.data = B.to(module.lora_B["default"].weight.dtype)
-                module.base_layer.weight.data = W_res
+    reference_loram_model(model)
     rows.append(_row("loram (reference code path)", time.perf_counter() - start, before, _logits(model, tokens),
                      "transcription of the LoRAM repo"))
     return rows
