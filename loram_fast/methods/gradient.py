@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from ..ops.rsvd import randomized_svd
 from .common import LayerInit
 
 SOLVERS = ("exact", "rsvd", "svd_lowrank")
@@ -41,8 +42,6 @@ def top_svd(M: torch.Tensor, k: int, *, solver: str, niter: int = 4, q: int | No
     if solver == "exact":
         U, S, Vh = torch.linalg.svd(M.float(), full_matrices=False)
     elif solver == "rsvd":
-        from ..ops.rsvd import randomized_svd
-
         U, S, Vh = randomized_svd(M, k, niter=niter, backend=backend)
     else:
         U, S, V = torch.svd_lowrank(M.float(), q=min(q or k, kmax), niter=niter)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..ops.matmul import matmul_f32
+from ..ops.rsvd import randomized_svd
 from .common import LayerInit
 
 # fp32 bytes of one stacked batch: larger groups are processed in several batches
@@ -48,8 +49,6 @@ def svd_factors(W: torch.Tensor, r: int, scalings: torch.Tensor, *, which: str, 
         else:
             U, S, Vh = U[..., :, -r:], S[..., -r:], Vh[..., -r:, :]
     else:
-        from ..ops.rsvd import randomized_svd
-
         U, S, Vh = randomized_svd(W, r, oversample=oversample, niter=niter, backend=backend)
     return split_sqrt(U, S, Vh, scalings)
 

@@ -4,11 +4,13 @@ from .bases import dst_basis, dst_basis_batched, dst_basis_reference
 from .dispatch import BACKENDS, backends, register, resolve
 from .matmul import matmul_f32, matmul_f32_reference
 from .moments import Moments, variance, weight_moments, weight_moments_reference
+from .rsvd import cholesky_qr, randomized_svd
 from .residual import loram_residual_, lowrank_update_, lowrank_update_reference_, loram_residual_reference_
 
 __all__ = [
     "BACKENDS", "backends", "register", "resolve",
     "dst_basis", "dst_basis_batched", "dst_basis_reference", "matmul_f32", "matmul_f32_reference",
     "Moments", "variance", "weight_moments", "weight_moments_reference",
+    "cholesky_qr", "randomized_svd",
     "loram_residual_", "lowrank_update_", "lowrank_update_reference_", "loram_residual_reference_",
 ]

@@ -15,20 +15,24 @@ _CHUNK_ELEMS = 1 << 22
 
 @dispatch.register("matmul_f32", "torch")
 def matmul_f32_reference(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """Reference: fp32 matmul; a low-precision operand is converted chunk by chunk along m."""
+    """Reference: fp32 matmul. The smaller operand is converted whole; the larger one, when not fp32, chunk by
+    chunk along its free dimension (rows of A, or columns of B)."""
     if A.dtype == torch.float32 and B.dtype == torch.float32:
         return torch.matmul(A, B)
-    Bf = B.float()
-    m, k = A.shape[-2], A.shape[-1]
-    batch = A.shape[:-2]
-    nb = 1
-    for d in batch:
-        nb *= d
-    step = max(1, _CHUNK_ELEMS // max(k * max(nb, 1), 1))
-    out = torch.empty(*torch.broadcast_shapes(batch, B.shape[:-2]), m, B.shape[-1], dtype=torch.float32,
-                      device=A.device)
-    for start in range(0, m, step):
-        out[..., start:start + step, :] = torch.matmul(A[..., start:start + step, :].float(), Bf)
+    batch = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
+    m, k, n = A.shape[-2], A.shape[-1], B.shape[-1]
+    out = torch.empty(*batch, m, n, dtype=torch.float32, device=A.device)
+    nb = max(1, out.numel() // max(m * n, 1))
+    if A.numel() >= B.numel():
+        Bf = B.float()
+        step = max(1, _CHUNK_ELEMS // max(k * nb, 1))
+        for start in range(0, m, step):
+            out[..., start:start + step, :] = torch.matmul(A[..., start:start + step, :].float(), Bf)
+    else:
+        Af = A.float()
+        step = max(1, _CHUNK_ELEMS // max(k * nb, 1))
+        for start in range(0, n, step):
+            out[..., :, start:start + step] = torch.matmul(Af, B[..., :, start:start + step].float())
     return out
 
 
