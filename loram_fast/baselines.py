@@ -32,13 +32,12 @@ def reference_loram_model(model, adapter: str = "default"):
 @torch.no_grad()
 def peft_init_model(model, method: str, adapter: str = "default"):
     """peft's own ``pissa_init`` / ``olora_init`` on every LoRA layer (the code ``LoraConfig`` would run)."""
+    if not (method.startswith("pissa") or method == "olora"):
+        raise ValueError(f"loram_fast.baselines: peft has no per-layer init {method!r} here")
     for layer in _lora_layers(model, adapter):
-        if method.startswith("pissa"):
-            fn = getattr(layer.pissa_init, "__wrapped_original__", layer.pissa_init)
-            fn(layer, adapter, method) if fn is not layer.pissa_init else fn(adapter, method)
-        elif method == "olora":
-            fn = getattr(layer.olora_init, "__wrapped_original__", layer.olora_init)
-            fn(layer, adapter) if fn is not layer.olora_init else fn(adapter)
-        else:
-            raise ValueError(f"loram_fast.baselines: peft has no per-layer init {method!r} here")
+        # peft's own function, also when loram_fast.peft_hook took these names over
+        attr = "pissa_init" if method.startswith("pissa") else "olora_init"
+        fn = getattr(type(layer), attr)
+        fn = getattr(fn, "__wrapped_original__", fn)
+        fn(layer, adapter, method) if attr == "pissa_init" else fn(layer, adapter)
     return model

@@ -105,3 +105,10 @@ def test_dispatch_forced_backend(monkeypatch):
         dst_basis(8, 2, backend="fortran")
     monkeypatch.setenv("LORAM_FAST_BACKEND", "torch")
     assert dispatch.resolve("weight_moments", "cpu")[0] == "torch"
+
+
+def test_moments_large_mean_uses_stable_path():
+    W = 100.0 + 1e-3 * torch.randn(300, 200, dtype=torch.float64)
+    m = weight_moments(W.float())
+    # mean²/var = 1e10: the plain sum-of-squares form would lose every digit; var_mean keeps fp32 accuracy
+    assert math.isclose(m.variance(), torch.var(W.float()).item(), rel_tol=1e-3)

@@ -1,0 +1,141 @@
+"""Shared benchmark harness: timing, machine description, one results CSV, markdown tables, plots.
+
+Every row appended to ``bench/results/results.csv`` carries the machine, the device, library versions and a
+UTC timestamp. Ratios are only meaningful between rows of one run on one machine.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CSV_PATH = RESULTS / "results.csv"
+COLUMNS = ["bench", "provider", "shape", "rank", "dtype", "device", "median_s", "p20_s", "p80_s", "ratio",
+           "rel_err", "extra", "machine", "device_name", "torch", "peft", "loram_fast", "timestamp"]
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure(fn: Callable[[], object], *, device: str = "cpu", warmup: int = 1, reps: int = 5,
+            setup: Callable[[], object] | None = None) -> dict:
+    """Median, p20 and p80 wall time of ``fn()`` in seconds (``setup()``, untimed, runs before each call)."""
+    if device.startswith("cuda"):
+        try:
+            from triton.testing import do_bench
+
+            if setup is None:
+                ms = do_bench(fn, warmup=25 * warmup, rep=100 * reps, quantiles=[0.5, 0.2, 0.8])
+                return {"median_s": ms[0] / 1e3, "p20_s": ms[1] / 1e3, "p80_s": ms[2] / 1e3}
+        except ImportError:
+            pass
+    times = []
+    for i in range(warmup + reps):
+        if setup is not None:
+            setup()
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    times.sort()
+    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
+    return {"median_s": statistics.median(times), "p20_s": q[0], "p80_s": q[3]}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: str = "cpu") -> dict:
+    """What the numbers were measured on (no host names)."""
+    import peft
+
+    import loram_fast
+
+    cpu = f"{_cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU"
+    return {"machine": cpu, "device_name": name, "torch": torch.__version__, "peft": peft.__version__,
+            "loram_fast": loram_fast.__version__}
+
+
+def append_rows(rows: Iterable[dict], csv_path: Path = CSV_PATH) -> None:
+    """Append rows (missing columns left empty) to the one results CSV; the header is written once."""
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    new = not csv_path.exists()
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    with open(csv_path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({"timestamp": stamp, **row})
+
+
+def fmt(value, digits=3) -> str:
+    if isinstance(value, float):
+        if value == 0:
+            return "0"
+        if abs(value) >= 1e4 or abs(value) < 1e-3:
+            return f"{value:.2e}"
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict], columns: list[str], header: str = "") -> str:
+    lines = [header, ""] if header else []
+    lines.append("| " + " | ".join(columns) + " |")
+    lines.append("|" + "|".join("---" for _ in columns) + "|")
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], png_path: Path, *, x: str, y: str = "median_s", group: str = "provider",
+         title: str = "", logy: bool = True) -> None:
+    """One line per ``group`` value: ``y`` against ``x`` (categorical, in order of appearance)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = list(dict.fromkeys(str(r[x]) for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(xs)), 4))
+    for g in dict.fromkeys(r[group] for r in rows):
+        pts = {str(r[x]): r[y] for r in rows if r[group] == g and r.get(y) not in ("", None)}
+        ax.plot([i for i, v in enumerate(xs) if v in pts], [pts[v] for v in xs if v in pts], marker="o", label=g)
+    ax.set_xticks(range(len(xs)))
+    ax.set_xticklabels(xs, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(y)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(name: str, table: str) -> Path:
+    path = RESULTS / f"{name}.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(table)
+    return path

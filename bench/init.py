@@ -1,0 +1,125 @@
+"""Whole-model init time per method: loram_fast vs peft's own inits and the LoRAM reference code path.
+
+    python bench/init.py [--quick] [--device cpu|cuda] [--dtype float32|bfloat16]
+
+Shape set: Llama-2-7B's linear shapes (hidden 4096, MLP 11008) on GPU, 2 decoder layers (14 LoRA layers);
+a scaled-down Llama (hidden 1024, MLP 2752) on CPU; --quick: hidden 512, MLP 1376. Each provider starts from
+the same freshly wrapped peft model (wrapping is not timed). ``ratio`` = baseline time / provider time for the
+same method family (higher is faster): LoRAM vs its reference code path, PiSSA / OLoRA vs peft's own.
+``rel_err`` for pissa_niter_N: mean over layers of ‖W − s·B A‖_F / ‖W − W_r‖_F (1 = the exact PiSSA residual).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, append_rows, machine_info, markdown_table, measure, plot, write_report  # noqa: E402
+
+import loram_fast  # noqa: E402
+from loram_fast.baselines import peft_init_model, reference_loram_model  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build(hidden, inter, layers, dtype, device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=hidden // 128, num_key_value_heads=hidden // 128)
+    return LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+
+
+def pissa_tail_ratio(model, base, r):
+    """Mean over layers of ‖W_res‖ / ‖W − W_r‖ (W_res = what the init left in the base weight)."""
+    from peft.tuners.lora import LoraLayer
+
+    ratios = []
+    for name, layer in model.named_modules():
+        if isinstance(layer, LoraLayer):
+            W = base.get_submodule(name.replace("base_model.model.", "", 1)).weight.float()
+            opt = torch.linalg.svdvals(W)[r:].square().sum().sqrt()
+            ratios.append(float(layer.base_layer.weight.float().norm() / opt))
+    return sum(ratios) / len(ratios)
+
+
+def run(hidden, inter, layers, rank, dtype, device, reps, with_exact):
+    from peft import LoraConfig, get_peft_model
+
+    base = build(hidden, inter, layers, dtype, device)
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS)
+    holder = {}
+
+    def fresh():
+        holder["m"] = get_peft_model(copy.deepcopy(base), cfg)
+
+    providers = [
+        ("loram", "loram_fast loram", lambda: loram_fast.init_model(holder["m"], "loram", progress=False)),
+        ("loram", "LoRAM reference code path", lambda: reference_loram_model(holder["m"])),
+        ("loram_dct", "loram_fast loram_dct", lambda: loram_fast.init_model(holder["m"], "loram_dct", progress=False)),
+        ("pissa_niter_4", "loram_fast pissa_niter_4",
+         lambda: loram_fast.init_model(holder["m"], "pissa_niter_4", progress=False)),
+        ("pissa_niter_4", "peft pissa_niter_4", lambda: peft_init_model(holder["m"], "pissa_niter_4")),
+        ("olora", "loram_fast olora", lambda: loram_fast.init_model(holder["m"], "olora", progress=False)),
+        ("olora", "peft olora", lambda: peft_init_model(holder["m"], "olora")),
+    ]
+    if with_exact:
+        providers += [
+            ("pissa", "loram_fast pissa", lambda: loram_fast.init_model(holder["m"], "pissa", progress=False)),
+            ("pissa", "peft pissa", lambda: peft_init_model(holder["m"], "pissa")),
+        ]
+    info = machine_info(device)
+    rows, baseline = [], {}
+    shape = f"L{layers} h{hidden} mlp{inter}"
+    for family, name, fn in providers:
+        t = measure(fn, device=device, warmup=1, reps=reps, setup=fresh)
+        row = {"bench": "init", "provider": name, "shape": shape, "rank": rank,
+               "dtype": str(dtype).replace("torch.", ""), "device": device, **t, "extra": family, **info}
+        if family.startswith("pissa") and with_exact or family == "pissa_niter_4":
+            fresh()
+            fn()
+            row["rel_err"] = pissa_tail_ratio(holder["m"], base, rank)
+        rows.append(row)
+        if name.startswith("peft") or "reference" in name:
+            baseline[family] = t["median_s"]
+    for row in rows:
+        if row["extra"] in baseline:
+            row["ratio"] = baseline[row["extra"]] / row["median_s"]
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--exact", action="store_true", help="also time exact pissa (full SVD per layer; slow on CPU)")
+    args = p.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    if args.device == "cuda":
+        hidden, inter, layers, reps = 4096, 11008, 2, 5
+    elif args.quick:
+        hidden, inter, layers, reps = 512, 1376, 2, 3
+    else:
+        hidden, inter, layers, reps = 1024, 2752, 2, 3
+    rows = run(hidden, inter, layers, args.rank, dtype, args.device, reps, args.exact or args.device == "cuda")
+    append_rows(rows)
+    info = machine_info(args.device)
+    header = (f"### Whole-model init ({info['device_name']}; {info['machine']}; torch {info['torch']}, "
+              f"peft {info['peft']})\n\nratio = baseline time / provider time within a method family "
+              "(baseline: peft's own init, or the LoRAM reference code path); higher is faster.")
+    table = markdown_table(rows, ["provider", "shape", "rank", "dtype", "median_s", "ratio", "rel_err"], header)
+    write_report(f"init_{args.device}_{args.dtype}", table)
+    plot(rows, RESULTS / f"init_{args.device}_{args.dtype}.png", x="provider", group="shape",
+         title=f"whole-model init, {args.dtype}, {info['device_name']}")
+    sys.stdout.write(table)
+
+
+if __name__ == "__main__":
+    main()
