@@ -1,9 +1,16 @@
 """Shared fixtures: tiny transformers models built from configs (nothing is downloaded)."""
 import copy
+import os
 import warnings
 
-import pytest
 import torch
+
+# Without a GPU, Triton kernels run under its interpreter. The switch must be set before triton is first
+# imported (peft imports it), or triton's own helper functions are built for compiled mode.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 

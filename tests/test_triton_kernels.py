@@ -1,0 +1,109 @@
+"""Triton kernels against the torch references. On CPU they run under TRITON_INTERPRET=1 (small shapes);
+on a CUDA machine the same tests run compiled on the GPU."""
+import pytest
+import torch
+
+pytest.importorskip("triton")  # conftest.py sets TRITON_INTERPRET=1 on machines without CUDA
+
+from loram_fast.ops import (dispatch, dst_basis, dst_basis_batched, loram_residual_, lowrank_update_, matmul_f32,  # noqa: E402
+                            weight_moments)
+
+from conftest import relative_error  # noqa: E402
+
+if dispatch.backends()["triton"] is not True:
+    pytest.skip(f"triton backend unavailable: {dispatch.backends()['triton']}", allow_module_level=True)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _ulp_close(got, expect):
+    """Entries of a result stored in a low-precision dtype: within one ulp of the dtype (fp32: 1e-5 relative)."""
+    eps = 1e-5 if got.dtype == torch.float32 else torch.finfo(got.dtype).eps
+    diff = (got.float() - expect.float()).abs()
+    return bool((diff <= eps * expect.float().abs() + 1e-6).all())
+
+
+@pytest.mark.parametrize("n,r", [(37, 5), (1000, 16), (4099, 3)])
+@pytest.mark.parametrize("kind", ["dst1", "dct2"])
+def test_basis(n, r, kind):
+    got = dst_basis(n, r, kind=kind, device=DEVICE, backend="triton")
+    assert torch.isfinite(got).all()  # the wrapper allocates with torch.empty: an unwritten tile would show
+    assert (got.cpu() - dst_basis(n, r, kind=kind, backend="torch")).abs().max() < 2e-7
+
+
+def test_basis_batched_one_launch_and_dtype():
+    shapes = [(37, 5), (53, 2), (1000, 16)]
+    got = dst_basis_batched(shapes, kind="dst1", dtype=torch.bfloat16, device=DEVICE, backend="triton")
+    for (n, r), g in zip(shapes, got):
+        assert g.shape == (n, r) and g.dtype == torch.bfloat16
+        # fp32 kernel values rounded once to bf16; the reference rounds fp64 values: at most one bf16 ulp apart
+        assert _ulp_close(g.cpu(), dst_basis(n, r, dtype=torch.float64))
+    assert got[0].untyped_storage().data_ptr() == got[2].untyped_storage().data_ptr()  # one flat buffer
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(37, 53), (100, 37), (1000, 5)])
+def test_moments(dtype, shape):
+    W = (torch.randn(*shape) * 0.05 + 0.01).to(dtype).to(DEVICE)
+    got = weight_moments(W, rows=True, cols=True, backend="triton")
+    ref = weight_moments(W.cpu(), rows=True, cols=True, backend="torch")
+    assert abs(got.variance() - ref.variance()) <= 1e-6 * ref.variance()
+    # per-row / per-column fp32 sums of up to 1000 squares, summed in different orders: fp32-level agreement
+    assert relative_error(got.row_sq.cpu(), ref.row_sq) <= 1e-5
+    assert relative_error(got.col_sq.cpu(), ref.col_sq) <= 1e-5
+    mt = weight_moments(W.T, backend="triton")  # strided
+    assert abs(mt.variance() - ref.variance()) <= 1e-6 * ref.variance()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_lowrank_update(dtype, transposed):
+    g = torch.Generator().manual_seed(0)
+    W0 = torch.randn(100, 37, generator=g).to(dtype)
+    B, A = torch.randn(100, 5, generator=g), torch.randn(5, 37, generator=g)
+    expect = lowrank_update_(W0.clone(), B, A, 0.3, backend="torch")
+    if transposed:
+        store = W0.T.contiguous().to(DEVICE)
+        lowrank_update_(store.T, B.to(DEVICE), A.to(DEVICE), 0.3, backend="triton")
+        got = store.T
+    else:
+        got = W0.clone().to(DEVICE)
+        lowrank_update_(got, B.to(DEVICE), A.to(DEVICE), 0.3, backend="triton")
+    assert got.dtype == dtype and _ulp_close(got.cpu(), expect)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["dst1", "dct2"])
+def test_loram_residual_generates_bases_in_kernel(dtype, kind):
+    W0 = torch.randn(100, 53).to(dtype)
+    expect = loram_residual_(W0.clone(), 0.7, 20, kind, backend="torch")
+    got = loram_residual_(W0.clone().to(DEVICE), 0.7, 20, kind, backend="triton")
+    assert got.dtype == dtype and _ulp_close(got.cpu(), expect)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matmul_f32(dtype):
+    A = torch.randn(3, 70, 33).to(dtype)
+    B = torch.randn(33, 9)
+    got = matmul_f32(A.to(DEVICE), B.to(DEVICE), backend="triton")
+    assert got.dtype == torch.float32 and got.shape == (3, 70, 9)
+    assert relative_error(got.cpu(), matmul_f32(A, B, backend="torch")) <= 1e-6
+    got2 = matmul_f32(B.T.to(DEVICE), A[0].T.to(DEVICE), backend="triton")  # strided 2-D operands
+    assert relative_error(got2.cpu(), B.T.double() @ A[0].T.double()) <= 1e-6
+
+
+def test_init_model_on_triton_backend(llama_base, tokens):
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    import loram_fast
+
+    from conftest import logits
+
+    model = get_peft_model(copy.deepcopy(llama_base).to(DEVICE), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    ref = get_peft_model(copy.deepcopy(llama_base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    loram_fast.init_model(model, backend="triton", progress=False)
+    loram_fast.init_model(ref, backend="torch", progress=False)
+    assert relative_error(logits(model, tokens.to(DEVICE)).cpu(), logits(ref, tokens)) <= 1e-5
