@@ -4,9 +4,10 @@ The Triton kernels live in ``triton_kernels/`` and install as ``loram_fast.trito
 package named ``triton_kernels`` exists; ours must not clash with it).
 
 Native code (``csrc/``) builds into ``loram_fast._C`` when torch is importable at build time
-(``pip install --no-build-isolation -e .``): the CPU kernels always, the CUDA kernels only where torch
-has CUDA and ``nvcc`` is found. ``LORAM_FAST_NO_EXT=1`` skips native code entirely. Without a build
-here, the package JIT-compiles the CPU extension on first use (ninja) or falls back to pure torch.
+(``pip install --no-build-isolation -e .``): the CPU kernels always; CUDA kernels (``csrc/cuda/``) with
+``LORAM_FAST_CUDA=1`` where torch has CUDA and ``nvcc`` is found. ``LORAM_FAST_NO_EXT=1`` skips native code
+entirely. Without a build here, a source checkout JIT-compiles the CPU extension on first use (ninja), and
+any install falls back to pure torch when no extension can be had.
 """
 import glob
 import os
@@ -28,8 +29,9 @@ def _ext_modules():
     if not cpp:
         return [], {}
     cu = sorted(glob.glob("csrc/cuda/*.cu"))
-    want_cuda = os.environ.get("LORAM_FAST_CUDA", "auto")
-    use_cuda = bool(cu) and want_cuda != "0" and torch.version.cuda is not None and CUDA_HOME is not None
+    # CUDA kernels only on request (LORAM_FAST_CUDA=1), where torch has CUDA and nvcc exists
+    want_cuda = os.environ.get("LORAM_FAST_CUDA", "0") == "1"
+    use_cuda = bool(cu) and want_cuda and torch.version.cuda is not None and CUDA_HOME is not None
     cxx = ["-O3", "-std=c++17"]
     if use_cuda:
         ext = CUDAExtension("loram_fast._C", cpp + cu, define_macros=[("LORAM_FAST_WITH_CUDA", None)],
@@ -50,7 +52,6 @@ setup(
     python_requires=">=3.9",
     packages=["loram_fast", "loram_fast.ops", "loram_fast.methods", "loram_fast.triton_kernels"],
     package_dir={"loram_fast.triton_kernels": "triton_kernels"},
-    package_data={"loram_fast": ["csrc/*.cpp", "csrc/*.h", "csrc/cpu/*", "csrc/cuda/*"]},
     install_requires=[
         "torch>=2.1",
         "peft>=0.17,<0.23",

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from loram_fast.ops import dispatch
-from loram_fast.ops.moments import Moments, _CANCELLATION_LIMIT, _var_mean_chunked
+from loram_fast.ops.moments import Moments, combine_rows
 
 
 @triton.jit
@@ -51,14 +51,8 @@ def weight_moments_triton(W: torch.Tensor, rows: bool = False, cols: bool = Fals
     BLOCK_M, BLOCK_N = 16, 128
     _row_moments_kernel[(triton.cdiv(m, BLOCK_M),)](W, row_sum, row_sq, m, n, W.stride(0), W.stride(1),
                                                     BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
-    total = row_sum.sum(dtype=torch.float64)
-    total_sq = row_sq.sum(dtype=torch.float64)
-    count = m * n
-    var = (float(total_sq) - float(total) ** 2 / count) / max(count - 1, 1)
-    if count > 1 and var == var and (float(total) / count) ** 2 > _CANCELLATION_LIMIT * max(var, 0.0):
-        total, total_sq = _var_mean_chunked(W)
     col_sq = None
     if cols:
         col_sq = torch.empty(n, dtype=torch.float32, device=W.device)
         _col_sq_kernel[(triton.cdiv(n, 64),)](W, col_sq, m, n, W.stride(0), W.stride(1), BLOCK_M=32, BLOCK_N=64)
-    return Moments(count, total, total_sq, row_sq if rows else None, col_sq)
+    return combine_rows(W, row_sum, row_sq, rows, col_sq)

@@ -70,24 +70,34 @@ def _var_mean_chunked(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return total, total_sq
 
 
-@dispatch.register("weight_moments", "torch")
-def weight_moments_reference(W: torch.Tensor, rows: bool = False, cols: bool = False) -> Moments:
-    """Plain-torch reference: per-row sums and L2 norms in fp32 (read in place, no copy of W), combined across
-    rows in fp64 (relative error ~1e-9 on LLM-sized rows). When mean² > 1e4·var the sum-of-squares form would
-    cancel digits, and ``torch.var_mean`` over row chunks is used for the totals instead."""
+def combine_rows(W: torch.Tensor, row_sum: torch.Tensor, row_sq: torch.Tensor, rows: bool,
+                 col_sq: Optional[torch.Tensor]) -> Moments:
+    """Moments from per-row sums and sums of squares (fp32, from any backend), combined in fp64. When
+    mean² > 1e4·var the sum-of-squares form would cancel digits: ``torch.var_mean`` over row chunks then gives
+    the totals instead."""
     m, n = W.shape
-    row_sum = W.sum(dim=1, dtype=torch.float32)
-    row_norm = torch.linalg.vector_norm(W, dim=1, dtype=torch.float32)
-    total = row_sum.sum(dtype=torch.float64)
-    total_sq = row_norm.double().square().sum()
     count = m * n
+    total = row_sum.sum(dtype=torch.float64)
+    total_sq = row_sq.sum(dtype=torch.float64)
     mean2 = float(total) ** 2 / count ** 2
     var = (float(total_sq) - float(total) ** 2 / count) / max(count - 1, 1)
     if count > 1 and math.isfinite(var) and mean2 > _CANCELLATION_LIMIT * max(var, 0.0):
         total, total_sq = _var_mean_chunked(W)
-    row_sq = row_norm.square() if rows else None
+    return Moments(count, total, total_sq, row_sq if rows else None, col_sq)
+
+
+@dispatch.register("weight_moments", "torch")
+def weight_moments_reference(W: torch.Tensor, rows: bool = False, cols: bool = False) -> Moments:
+    """Plain-torch reference: per-row sums and L2 norms in fp32 (read in place, no copy of W), combined across
+    rows in fp64 (relative error ~1e-9 on LLM-sized rows); see :func:`combine_rows`. A transposed view (a Conv1D
+    weight) is reduced in its stored orientation, where the reductions are contiguous."""
+    if W.stride(1) != 1 and W.stride(0) == 1 and W.shape[0] > 1:
+        t = weight_moments_reference(W.T, rows=cols, cols=rows)
+        return Moments(t.count, t.sum, t.sumsq, t.col_sq, t.row_sq)
+    row_sum = W.sum(dim=1, dtype=torch.float32)
+    row_sq = torch.linalg.vector_norm(W, dim=1, dtype=torch.float32).square()
     col_sq = torch.linalg.vector_norm(W, dim=0, dtype=torch.float32).square() if cols else None
-    return Moments(count, total, total_sq, row_sq, col_sq)
+    return combine_rows(W, row_sum, row_sq, rows, col_sq)
 
 
 def weight_moments(W: torch.Tensor, *, rows: bool = False, cols: bool = False, backend=None) -> Moments:
