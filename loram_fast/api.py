@@ -212,8 +212,10 @@ def _write_adapters(target: LoraTarget, adapter: str, init: LayerInit) -> None:
 
         ensure_adapter_modules(target.layer, adapter, init.extra)
     _set_adapters(target, adapter, {"lora_A": init.A, "lora_B": init.B, **init.extra})
-    for name in init.frozen:
-        getattr(target.layer, name)[adapter].weight.requires_grad_(False)
+    if init.frozen:
+        from .peft_variant import freeze
+
+        freeze(target.layer, adapter, init.frozen)
 
 
 def _residual(target: LoraTarget, init: LayerInit, sign: float, *, rounded_residual: bool, backend) -> None:

@@ -104,6 +104,10 @@ def uninstall() -> None:
 def ensure_adapter_modules(layer, adapter_name: str, extra: dict) -> None:
     """Make sure ``layer`` holds the extra adapter modules named in ``extra`` (e.g. ``lora_N``) for
     ``adapter_name``. Three-matrix methods provide the modules through their peft LoRA variant."""
+    if "lora_N" in extra:
+        from .peft_variant import ensure_middle
+
+        ensure_middle(layer, adapter_name)
     missing = [name for name in extra if adapter_name not in getattr(layer, name, {})]
     if missing:
         raise NotImplementedError(f"loram_fast: the LoRA layer has no {', '.join(missing)} for adapter "

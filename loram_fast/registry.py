@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 from .methods import gradient as _gradient
 from .methods import loram as _loram
+from .methods import nlora as _nlora
 from .methods import svd as _svd
 
 
@@ -153,3 +154,20 @@ register(Method(
     options=frozenset({"direction", "scale", "stable_gamma", "solver", "lora_ga_config"}),
     check=lambda shape, r, **o: _gradient.check_lora_ga_rank(shape, r),
     reference="peft LoraLayer.lora_ga_init + loraga.py; arXiv 2407.05000"))
+
+
+_NLORA_REF = "TracyGuo2001/NLoRA peft fork (nlora_init, slora_init, inttune.py); arXiv 2502.14482"
+
+
+def _nlora_method(name: str, frozen: tuple, description: str) -> Method:
+    return Method(name=name, residual=False, description=description, options=frozenset({"nystrom", "residual"}),
+                  check=_nlora.check_rank, reference=_NLORA_REF,
+                  init=lambda W, r, scaling, *, backend=None, bases=None, **o: _nlora.nlora_init(W, r, scaling,
+                                                                                                 frozen=frozen, **o))
+
+
+register(_nlora_method("nlora", (), "NLoRA: A = W[:r,:], B = W[:,:r], r×r N = W[:r,:r] between them; W untouched"))
+register(_nlora_method("inttune", ("lora_A", "lora_B"), "IntTune: the NLoRA init with only the r×r N trainable"))
+register(Method(name="slora", residual=False, check=_nlora.check_rank, reference=_NLORA_REF,
+                description="SLoRA: Kaiming A and r×r N, zero B; W untouched",
+                init=lambda W, r, scaling, *, backend=None, bases=None: _nlora.slora_init(W, r, scaling)))

@@ -1,0 +1,84 @@
+"""The r×r middle matrix of the three-matrix methods (NLoRA / SLoRA / IntTune) on stock peft LoRA layers.
+
+peft's LoRA-variant seam (``LoraLayer.lora_variant[adapter]``, consulted by ``Linear.forward``, ``merge`` and
+``unmerge``) carries it: :func:`ensure_middle` adds an ``nn.ModuleDict`` ``lora_N`` holding an
+``nn.Linear(r, r, bias=False)`` per adapter, lists ``lora_N`` in the layer's ``adapter_layer_names`` (so peft
+saves it — its key contains ``lora_`` — moves it, deletes it and sets its ``requires_grad`` with the adapter)
+and installs :class:`MiddleMatrixVariant`, whose forward is ``result + s·B(N(A(dropout x)))`` and whose merge
+adds ``s·B N A``. Weights that must not train (IntTune's A and B) are declared with peft's own
+``_register_frozen_peft_weight``, which peft re-applies after every ``set_adapter``.
+"""
+from __future__ import annotations
+
+import torch
+from peft.tuners.lora.layer import LoraVariant
+from torch import nn
+
+
+def middle_delta(module, adapter: str) -> torch.Tensor:
+    """``s · B N A`` in the stored weight layout (transposed for fan_in_fan_out)."""
+    A = module.lora_A[adapter].weight
+    B = module.lora_B[adapter].weight
+    N = module.lora_N[adapter].weight
+    delta = module.scaling[adapter] * (B.float() @ N.float() @ A.float())
+    return delta.T if getattr(module, "fan_in_fan_out", False) else delta
+
+
+class MiddleMatrixVariant(LoraVariant):
+    """Forward and merging of ``W + s·B N A`` (the init itself is done by loram_fast before this is used)."""
+
+    def supports_lora_conversion(self) -> bool:
+        return False
+
+    @staticmethod
+    def init(module, adapter_name: str, **kwargs) -> None:
+        return None  # loram_fast has written A, B and N already
+
+    @staticmethod
+    def merge_safe(module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        return orig_weight + middle_delta(module, active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def merge_unsafe(module, active_adapter: str, orig_weight: torch.Tensor) -> None:
+        orig_weight.data += middle_delta(module, active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def unmerge(module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        return orig_weight - middle_delta(module, active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def forward(module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs) -> torch.Tensor:
+        lora_A = module.lora_A[active_adapter]
+        lora_B = module.lora_B[active_adapter]
+        lora_N = module.lora_N[active_adapter]
+        dropout = module.lora_dropout[active_adapter]
+        return result + lora_B(lora_N(lora_A(dropout(x)))) * module.scaling[active_adapter]
+
+
+def ensure_middle(layer, adapter_name: str) -> None:
+    """Give ``layer`` an r×r ``lora_N[adapter_name]`` and the middle-matrix variant (idempotent)."""
+    if not isinstance(layer.lora_A[adapter_name], nn.Linear):
+        raise NotImplementedError(f"loram_fast: the three-matrix methods support LoRA on linear layers; got "
+                                  f"{type(layer.get_base_layer()).__name__}")
+    if not hasattr(layer, "lora_N"):
+        layer.lora_N = nn.ModuleDict()
+    if "lora_N" not in layer.adapter_layer_names:
+        layer.adapter_layer_names = tuple(layer.adapter_layer_names) + ("lora_N",)
+    if adapter_name not in layer.lora_N:
+        ref = layer.lora_A[adapter_name].weight
+        r = ref.shape[0]
+        layer.lora_N[adapter_name] = nn.Linear(r, r, bias=False, device=ref.device, dtype=ref.dtype)
+        layer.lora_N[adapter_name].weight.requires_grad_(ref.requires_grad)
+    layer.lora_variant[adapter_name] = MiddleMatrixVariant()
+
+
+def freeze(layer, adapter_name: str, names) -> None:
+    """Keep ``names`` (e.g. lora_A, lora_B) of this adapter frozen, also across peft's ``set_adapter``."""
+    try:
+        from peft.tuners.lora.variants import _register_frozen_peft_weight
+    except ImportError:  # older peft: freeze now; set_adapter may unfreeze them again
+        _register_frozen_peft_weight = None
+    for name in names:
+        if _register_frozen_peft_weight is not None:
+            _register_frozen_peft_weight(layer, adapter_name, name)
+        getattr(layer, name)[adapter_name].weight.requires_grad_(False)
