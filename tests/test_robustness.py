@@ -94,3 +94,18 @@ def test_progress_bar_and_logging(llama, caplog, capsys):
     assert out.out == "" and out.err == ""  # progress=False: nothing on the terminal
     loram_fast.init_model(model, progress=True)
     assert "loram_fast loram" in capsys.readouterr().err  # tqdm writes to stderr
+
+
+def test_quantized_param_class_rejected(llama):
+    """bitsandbytes is not installed here; its 4-bit parameter class is recognised by name (it stores uint8)."""
+
+    class Params4bit(torch.nn.Parameter):
+        pass
+
+    model = get_peft_model(llama, LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"]))
+    layer = model.base_model.model.model.layers[0].self_attn.o_proj
+    layer.base_layer.weight = Params4bit(layer.base_layer.weight.detach().clone(), requires_grad=False)
+    saved = state(model)
+    with pytest.raises(TypeError, match=r"o_proj.*Params4bit.*quantize the residual afterwards"):
+        loram_fast.init_model(model, method="pissa", progress=False)
+    assert_state_equal(model, saved)

@@ -85,7 +85,12 @@ def test_exact_path_zero_and_errors():
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1.05), (torch.float16, 1.01)])
-def test_low_precision_input(dtype, tol):
+@pytest.mark.parametrize("stream", [False, True])
+def test_low_precision_input(dtype, tol, stream, monkeypatch):
+    import loram_fast.ops.rsvd as rsvd
+
+    if stream:  # no fp32 copy allowed: every product reads the low-precision matrix chunk by chunk
+        monkeypatch.setattr(rsvd, "FP32_COPY_BUDGET", 0)
     A = _matrix(90, 70).to(dtype)
     U, S, Vh = randomized_svd(A, 6)
     assert S.dtype == torch.float32

@@ -7,7 +7,8 @@
     Y = A Ω;  niter times:  Q = orth(Y),  Z = Aᵀ Q,  Q' = orth(Z),  Y = A Q'
     Q = orth(Y);  B = Qᵀ A (q×n);  Ub, S, Vh = svd(B);  U = Q Ub;  keep the first ``rank``
 
-Products with A go through ``matmul_f32`` (a bf16 A is read as stored, accumulated in fp32, never copied whole).
+Products with A go through ``matmul_f32`` (a bf16 A is read as stored and accumulated in fp32; on the CPU only, a
+matrix whose fp32 copy fits ``FP32_COPY_BUDGET`` (64 MiB) is converted once instead, which is faster there).
 ``orth`` is :func:`orthonormalize`: on GPUs :func:`cholesky_qr`, CholeskyQR2 (Gram matrix, Cholesky, triangular
 solve, twice) with the small q×q Gram work in fp64, so a few GEMMs replace a serial Householder QR; batch members
 whose Cholesky fails or whose factor is too ill-conditioned fall back to ``torch.linalg.qr``. On the CPU, LAPACK's
@@ -22,6 +23,9 @@ import torch
 from . import dispatch
 from .matmul import matmul_f32
 
+# CPU only: a low-precision A whose fp32 copy fits this budget is converted once instead of chunk by chunk in each
+# of the ~2·niter+2 products (cheaper in time, bounded in memory); larger matrices are always streamed
+FP32_COPY_BUDGET = 64 << 20
 # squared condition number of a Gram factor above which CholeskyQR is not trusted (fp64 Gram: eps ~ 1e-16)
 _MAX_GRAM_COND = 1e12
 
@@ -92,6 +96,8 @@ def randomized_svd(A: torch.Tensor, rank: int, *, oversample: int = 8, niter: in
             raise ValueError("loram_fast.randomized_svd: the input holds NaN or Inf values")
         return torch.linalg.svd(Af, full_matrices=False)
     q = min(rank + oversample, k)
+    if A.dtype != torch.float32 and A.device.type == "cpu" and 4 * A.numel() <= FP32_COPY_BUDGET:
+        A = A.float()
     if generator is None:
         generator = torch.Generator(device=A.device).manual_seed(0)
     omega = torch.randn(n, q, generator=generator, device=A.device, dtype=torch.float32)

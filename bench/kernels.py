@@ -1,0 +1,109 @@
+"""Memory-bound kernels per backend: GB/s next to a same-run ``copy_`` baseline, and the LoRAM layer init's peak
+extra memory.
+
+    python bench/kernels.py [--quick] [--device cpu|cuda]
+
+Ops: ``weight_moments`` (reads W once), ``loram_residual_`` (reads and writes W once, bases generated in the
+kernel), the whole LoRAM layer init (moments + residual: the floor is one read plus one read/write of W), and the
+LoRAM reference code path. GB/s counts the bytes the op must move (its floor); ``copy_`` moves 2× the weight.
+Peak extra memory: a subprocess per provider, max RSS (CPU) or max allocated (GPU) above the weight itself.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, append_rows, machine_info, markdown_table, measure, write_report  # noqa: E402
+
+from loram_fast.methods.loram import loram_init, loram_reference  # noqa: E402
+from loram_fast.ops import backends, loram_residual_, weight_moments  # noqa: E402
+
+
+def _layer_init(W, backend):
+    init = loram_init(W, 16, 2.0, backend=backend)
+    init.apply_residual(W, backend=backend)
+
+
+def peak_extra_mib(provider, shape, dtype, device):
+    """Peak memory above the weight while one LoRAM layer init runs, in a fresh process."""
+    code = f"""
+import resource, sys, torch
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+from kernels import _layer_init
+from loram_fast.methods.loram import loram_reference
+W = torch.randn({shape}, device={device!r}).to(torch.{dtype})
+if {device!r} == "cuda":
+    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
+else:
+    import gc; gc.collect(); base = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+if {provider!r} == "reference":
+    loram_reference(W, 16, 2.0)
+else:
+    _layer_init(W, {provider!r})
+if {device!r} == "cuda":
+    peak = torch.cuda.max_memory_allocated()
+else:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print("PEAK", (peak - base) / 2**20)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("PEAK")]
+    return float(line[0].split()[1]) if line else float("nan")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    dev = args.device
+    shapes = [(4096, 4096), (11008, 4096)] if dev == "cuda" else ([(1024, 2752)] if args.quick else [(2048, 2048), (4096, 4096)])
+    provs = [b for b in (["triton", "cuda", "torch"] if dev == "cuda" else ["torch", "cpu-ext"])
+             if backends()[b] is True]
+    info = machine_info(dev)
+    rows = []
+    for m, n in shapes:
+        for dtype in (torch.float32, torch.bfloat16):
+            W = torch.randn(m, n, device=dev).to(dtype)
+            nbytes = W.numel() * W.element_size()
+            dst = torch.empty_like(W)
+            t = measure(lambda: dst.copy_(W), device=dev, reps=10)
+            common = {"bench": "kernels", "shape": f"{m}x{n}", "dtype": str(dtype).replace("torch.", ""),
+                      "device": dev, **info}
+            rows.append({**common, "provider": "copy_ (baseline)", **t, "extra": f"{2 * nbytes / t['median_s'] / 1e9:.1f} GB/s"})
+            for b in provs:
+                t = measure(lambda: weight_moments(W, backend=b), device=dev, reps=10)
+                rows.append({**common, "provider": f"weight_moments [{b}]", **t,
+                             "extra": f"{nbytes / t['median_s'] / 1e9:.1f} GB/s"})
+                t = measure(lambda: loram_residual_(W, 0.0, 16, backend=b), device=dev, reps=10)
+                rows.append({**common, "provider": f"loram_residual_ [{b}]", **t,
+                             "extra": f"{2 * nbytes / t['median_s'] / 1e9:.1f} GB/s"})
+                t = measure(lambda: _layer_init(W, b), device=dev, reps=5)
+                rows.append({**common, "provider": f"LoRAM layer init [{b}]", **t,
+                             "extra": f"{3 * nbytes / t['median_s'] / 1e9:.1f} GB/s; peak extra "
+                                      f"{peak_extra_mib(b, (m, n), str(dtype).split('.')[-1], dev):.0f} MiB"})
+            t = measure(lambda: loram_reference(W, 16, 2.0), device=dev, reps=3)
+            rows.append({**common, "provider": "LoRAM reference code path", **t,
+                         "extra": f"peak extra {peak_extra_mib('reference', (m, n), str(dtype).split('.')[-1], dev):.0f} MiB"})
+            ref_t = rows[-1]["median_s"]
+            for r in rows:
+                if r["shape"] == common["shape"] and r["dtype"] == common["dtype"] and "layer init" in r["provider"]:
+                    r["ratio"] = ref_t / r["median_s"]
+    append_rows(rows)
+    header = (f"### Memory-bound kernels ({info['device_name']}; {info['machine']}; torch {info['torch']})\n\n"
+              "GB/s = the bytes the op must move / time; ratio = reference code path time / our layer init time "
+              "(higher is faster). Peak extra memory: above the weight, one process per measurement.")
+    table = markdown_table(rows, ["provider", "shape", "dtype", "median_s", "ratio", "extra"], header)
+    write_report(f"kernels_{dev}", table)
+    sys.stdout.write(table)
+
+
+if __name__ == "__main__":
+    main()
