@@ -11,8 +11,7 @@ Peak extra memory: a subprocess per provider, max RSS (CPU) or max allocated (GP
 from __future__ import annotations
 
 import argparse
-import json
-import resource
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -38,11 +37,15 @@ import resource, sys, torch
 sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
 from kernels import _layer_init
 from loram_fast.methods.loram import loram_reference
-W = torch.randn({shape}, device={device!r}).to(torch.{dtype})
+small = torch.randn(64, 48, device={device!r}, dtype=torch.{dtype})  # warm-up: libraries' one-time buffers
+loram_reference(small, 16, 2.0) if {provider!r} == "reference" else _layer_init(small, {provider!r})
+W = torch.randn({shape}, device={device!r}, dtype=torch.{dtype})  # no fp32 temporary before the baseline
 if {device!r} == "cuda":
     torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
 else:
-    import gc; gc.collect(); base = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+    import gc; gc.collect()
+    base = max(int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize(),
+               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # lifetime peak so far (max RSS is monotonic)
 if {provider!r} == "reference":
     loram_reference(W, 16, 2.0)
 else:
@@ -53,7 +56,10 @@ else:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print("PEAK", (peak - base) / 2**20)
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    # a fixed mmap threshold makes glibc return freed temporaries at once, so RSS tracks live memory (by default
+    # the threshold grows after the first large free and later temporaries stay resident in the heap)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("PEAK")]
     return float(line[0].split()[1]) if line else float("nan")
 

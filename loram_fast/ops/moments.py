@@ -94,9 +94,23 @@ def weight_moments_reference(W: torch.Tensor, rows: bool = False, cols: bool = F
     if W.stride(1) != 1 and W.stride(0) == 1 and W.shape[0] > 1:
         t = weight_moments_reference(W.T, rows=cols, cols=rows)
         return Moments(t.count, t.sum, t.sumsq, t.col_sq, t.row_sq)
-    row_sum = W.sum(dim=1, dtype=torch.float32)
-    row_sq = torch.linalg.vector_norm(W, dim=1, dtype=torch.float32).square()
-    col_sq = torch.linalg.vector_norm(W, dim=0, dtype=torch.float32).square() if cols else None
+    if W.dtype == torch.float32:  # read in place
+        row_sum = W.sum(dim=1)
+        row_sq = torch.linalg.vector_norm(W, dim=1).square()
+        col_sq = torch.linalg.vector_norm(W, dim=0).square() if cols else None
+        return combine_rows(W, row_sum, row_sq, rows, col_sq)
+    # fp16/bf16: torch's dtype=float32 reductions would upcast all of W at once; convert ~4 MiB row chunks instead
+    m, n = W.shape
+    step = max(1, (_CHUNK_ELEMS // 4) // max(n, 1))
+    row_sum = torch.empty(m, dtype=torch.float32, device=W.device)
+    row_sq = torch.empty(m, dtype=torch.float32, device=W.device)
+    col_sq = torch.zeros(n, dtype=torch.float32, device=W.device) if cols else None
+    for start in range(0, m, step):
+        c = W[start:start + step].float()
+        row_sum[start:start + step] = c.sum(dim=1)
+        row_sq[start:start + step] = torch.linalg.vector_norm(c, dim=1).square()
+        if cols:
+            col_sq += c.square_().sum(dim=0)
     return combine_rows(W, row_sum, row_sq, rows, col_sq)
 
 

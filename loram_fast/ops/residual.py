@@ -14,8 +14,8 @@ import torch
 from . import dispatch
 from .bases import dst_basis
 
-# rows per chunk in the torch reference: keeps the fp32 temporary near 16 MiB
-_CHUNK_ELEMS = 1 << 22
+# rows per chunk in the torch reference: keeps each fp32 temporary near 4 MiB
+_CHUNK_ELEMS = 1 << 20
 
 
 def _check(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> None:
