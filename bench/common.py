@@ -134,6 +134,25 @@ def plot(rows: list[dict], png_path: Path, *, x: str, y: str = "median_s", group
     plt.close(fig)
 
 
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> int:
+    """Reset this process's peak RSS (VmHWM) to its current RSS and return that, in bytes. (``ru_maxrss`` is no
+    use here: Linux carries it over from the parent through fork and exec.)"""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_kib("VmRSS") * 1024
+
+
+def peak_rss() -> int:
+    """Peak RSS of this process since start or the last :func:`reset_peak_rss`, in bytes."""
+    return _status_kib("VmHWM") * 1024
+
+
 def write_report(name: str, table: str) -> Path:
     path = RESULTS / f"{name}.md"
     path.parent.mkdir(parents=True, exist_ok=True)

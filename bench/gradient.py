@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, append_rows, machine_info, markdown_table, write_report  # noqa: E402
+from common import append_rows, machine_info, markdown_table, peak_rss, write_report  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROVIDERS = ["loram_fast lora_ga (full)", "loram_fast lora_ga (sketch)", "peft lora_ga",
@@ -148,7 +147,7 @@ def main(argv=None):
     if args.child:
         name, cfg = json.loads(args.child)
         res = run_one(name, cfg)
-        res["maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        res["maxrss_mib"] = peak_rss() / 2**20
         sys.stdout.write("RESULT " + json.dumps(res) + "\n")
         return
     if args.device == "cuda":

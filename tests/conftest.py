@@ -63,6 +63,15 @@ def logits(model, tokens):
         return model(tokens).logits.float()
 
 
+def perturb_adapters(model, seed: int, scale: float = 0.01) -> None:
+    """Stand-in for training: move every adapter parameter away from its init, reproducibly."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.add_(scale * torch.randn(p.shape, generator=g))
+
+
 def state(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 

@@ -7,7 +7,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 import loram_fast
 
-from conftest import GPT2_TARGETS, LLAMA_TARGETS, logits, relative_error
+from conftest import GPT2_TARGETS, LLAMA_TARGETS, logits, perturb_adapters, relative_error
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -100,11 +100,7 @@ def test_slora_init(llama_base, tokens):
 
 def test_save_load_round_trip_and_merge(llama_base, tokens, tmp_path):
     model = _peft(llama_base, init_lora_weights="nlora")
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.add_(0.01 * torch.randn(p.shape, generator=g))
+    perturb_adapters(model, seed=2)  # "train"
     trained = logits(model, tokens)
     model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(copy.deepcopy(llama_base), tmp_path)

@@ -9,7 +9,7 @@ from peft.tuners.lora import LoraLayer
 import loram_fast
 from loram_fast import peft_hook
 
-from conftest import GPT2_TARGETS, LLAMA_TARGETS, logits, relative_error
+from conftest import GPT2_TARGETS, LLAMA_TARGETS, logits, perturb_adapters, relative_error
 
 
 @pytest.mark.parametrize("method", ["loram", "loram_dct"])
@@ -38,12 +38,7 @@ def test_from_pretrained_recreates_residual(llama_base, tokens, tmp_path):
 
     model = get_peft_model(copy.deepcopy(llama_base),
                            LoraConfig(r=8, lora_alpha=16, target_modules=LLAMA_TARGETS, init_lora_weights="loram"))
-    # "train": move every adapter away from its init
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.add_(0.01 * torch.randn(p.shape, generator=g))
+    perturb_adapters(model, seed=3)  # "train"
     trained = logits(model, tokens)
     model.save_pretrained(tmp_path)
     saved = (tmp_path / "adapter_model.safetensors").stat().st_size

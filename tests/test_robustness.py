@@ -8,7 +8,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 import loram_fast
 
-from conftest import GPT2_TARGETS, LLAMA_TARGETS, assert_state_equal, logits, relative_error, state
+from conftest import (GPT2_TARGETS, LLAMA_TARGETS, assert_state_equal, logits, perturb_adapters, relative_error,
+                      state)
 
 RESIDUAL_METHODS = ["loram", "loram_dct", "pissa", "milora", "olora"]
 
@@ -69,11 +70,7 @@ def test_convert_to_plain_lora_on_original_base(method, llama_base, tokens, tmp_
     model.peft_config["default"].init_lora_weights = True  # as peft documents for PiSSA / OLoRA
     model.save_pretrained(init_dir)
     model.peft_config["default"].init_lora_weights = method
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():  # "train"
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.add_(0.02 * torch.randn(p.shape, generator=g))
+    perturb_adapters(model, seed=5, scale=0.02)  # "train"
     trained = logits(model, tokens)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

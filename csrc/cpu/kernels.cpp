@@ -144,10 +144,10 @@ std::tuple<at::Tensor, at::Tensor> row_moments(const at::Tensor& W) {
 }
 
 // W[rows] += alpha * P where P = left[rows] @ right is computed by BLAS in fp32, one row chunk at a time
-// (a chunk of at most ~4M products), then added to W in its own dtype with a single rounding.
+// (a chunk of at most ~1M products, a 4 MiB fp32 temporary), then added to W in its own dtype with a single rounding.
 void chunked_update(at::Tensor& W, const at::Tensor& left, const at::Tensor& right, double alpha) {
   const int64_t m = W.size(0), n = W.size(1), sm = W.stride(0), sn = W.stride(1);
-  const int64_t step = std::max<int64_t>(1, (int64_t{1} << 22) / std::max<int64_t>(n, 1));
+  const int64_t step = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(n, 1));
   if (W.scalar_type() == at::kFloat) {  // fp32: BLAS updates W in place, chunk by chunk (no temporary)
     for (int64_t start = 0; start < m; start += step) {
       const int64_t rows = std::min(step, m - start);
