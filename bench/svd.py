@@ -101,8 +101,14 @@ def main(argv=None):
     table = markdown_table([r for r in rows if r["rank"] != "full"] + [r for r in rows if r["rank"] == "full"],
                            ["provider", "shape", "rank", "dtype", "median_s", "ratio", "rel_err"], header)
     write_report("svd", table)
-    plot([r for r in rows if r["dtype"] == "float32"], RESULTS / "svd.png", x="shape", group="provider",
-         title=f"rank-r factorisation, fp32, {info['device_name']}")
+    fp32 = [r for r in rows if r["dtype"] == "float32"]
+    cases = [{**r, "case": f"{r['shape']} r={r['rank']}"} for r in fp32 if r["rank"] != "full"]
+    # the full SVD does not depend on r: draw it at every rank of its shape
+    cases += [{**full, "case": c["case"]} for c in cases for full in fp32
+              if full["rank"] == "full" and full["shape"] == c["shape"] and c["provider"].startswith("loram_fast")]
+    order = list(dict.fromkeys(c["case"] for c in cases))
+    cases.sort(key=lambda r: order.index(r["case"]))
+    plot(cases, RESULTS / "svd.png", x="case", group="provider", title=f"rank-r factorisation, fp32, {info['device_name']}")
     sys.stdout.write(table)
 
 
