@@ -7,7 +7,6 @@ The batched form fills many bases in one launch, in one flat buffer.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import triton
@@ -90,4 +89,4 @@ def dst_basis_batched_triton(shapes, kind="dst1", dtype=torch.float32, device=No
     return views
 
 
-__all__ = ["basis_value", "dst_basis_triton", "dst_basis_batched_triton", "math"]
+__all__ = ["basis_value", "dst_basis_triton", "dst_basis_batched_triton"]
