@@ -11,6 +11,7 @@ any install falls back to pure torch when no extension can be had.
 """
 import glob
 import os
+import sys
 
 from setuptools import setup
 
@@ -32,12 +33,14 @@ def _ext_modules():
     # CUDA kernels only on request (LORAM_FAST_CUDA=1), where torch has CUDA and nvcc exists
     want_cuda = os.environ.get("LORAM_FAST_CUDA", "0") == "1"
     use_cuda = bool(cu) and want_cuda and torch.version.cuda is not None and CUDA_HOME is not None
-    cxx = ["-O3", "-std=c++17"]
+    # at::parallel_for is OpenMP code in torch's headers: without -fopenmp the extension's loops run on one thread
+    omp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cxx = ["-O3", "-std=c++17", *omp]
     if use_cuda:
         ext = CUDAExtension("loram_fast._C", cpp + cu, define_macros=[("LORAM_FAST_WITH_CUDA", None)],
-                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math"]})
+                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math"]}, extra_link_args=omp)
     else:
-        ext = CppExtension("loram_fast._C", cpp, extra_compile_args={"cxx": cxx})
+        ext = CppExtension("loram_fast._C", cpp, extra_compile_args={"cxx": cxx}, extra_link_args=omp)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

@@ -2,8 +2,9 @@
 
     python bench/init.py [--quick] [--device cpu|cuda] [--dtype float32|bfloat16]
 
-Shape set: Llama-2-7B's linear shapes (hidden 4096, MLP 11008) on GPU, 2 decoder layers (14 LoRA layers);
-a scaled-down Llama (hidden 1024, MLP 2752) on CPU; --quick: hidden 512, MLP 1376. Each provider starts from
+Shape set (2 decoder layers, 14 LoRA layers each): on GPU Llama-2-7B's linear shapes (hidden 4096, MLP 11008),
+every provider; on CPU hidden 1024 / MLP 2752 with every provider, then the LoRAM family alone at hidden 2048 /
+MLP 5632 (TinyLlama-1.1B's shapes) and at Llama-2-7B's shapes; --quick: hidden 512, MLP 1376. Each provider starts from
 the same freshly wrapped peft model (wrapping is not timed). ``ratio`` = baseline time / provider time for the
 same method family (higher is faster): LoRAM vs its reference code path, PiSSA / OLoRA vs peft's own.
 ``rel_err`` for pissa_niter_N: mean over layers of ‖W − s·B A‖_F / ‖W − W_r‖_F (1 = the exact PiSSA residual).
@@ -44,11 +45,11 @@ def pissa_tail_ratio(model, base, r):
         if isinstance(layer, LoraLayer):
             W = base.get_submodule(name.replace("base_model.model.", "", 1)).weight.float()
             opt = torch.linalg.svdvals(W)[r:].square().sum().sqrt()
-            ratios.append(float(layer.base_layer.weight.float().norm() / opt))
+            ratios.append(float(layer.base_layer.weight.detach().float().norm() / opt))
     return sum(ratios) / len(ratios)
 
 
-def run(hidden, inter, layers, rank, dtype, device, reps, with_exact):
+def run(hidden, inter, layers, rank, dtype, device, reps, with_exact, loram_only=False):
     from peft import LoraConfig, get_peft_model
 
     base = build(hidden, inter, layers, dtype, device)
@@ -68,7 +69,9 @@ def run(hidden, inter, layers, rank, dtype, device, reps, with_exact):
         ("olora", "loram_fast olora", lambda: loram_fast.init_model(holder["m"], "olora", progress=False)),
         ("olora", "peft olora", lambda: peft_init_model(holder["m"], "olora")),
     ]
-    if with_exact:
+    if loram_only:
+        providers = [p for p in providers if p[0].startswith("loram")]
+    elif with_exact:
         providers += [
             ("pissa", "loram_fast pissa", lambda: loram_fast.init_model(holder["m"], "pissa", progress=False)),
             ("pissa", "peft pissa", lambda: peft_init_model(holder["m"], "pissa")),
@@ -102,13 +105,16 @@ def main(argv=None):
     p.add_argument("--exact", action="store_true", help="also time exact pissa (full SVD per layer; slow on CPU)")
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
+    exact = args.exact or args.device == "cuda"
     if args.device == "cuda":
-        hidden, inter, layers, reps = 4096, 11008, 2, 5
+        sizes = [(4096, 11008, 5, False)]
     elif args.quick:
-        hidden, inter, layers, reps = 512, 1376, 2, 3
+        sizes = [(512, 1376, 3, False)]
     else:
-        hidden, inter, layers, reps = 1024, 2752, 2, 3
-    rows = run(hidden, inter, layers, args.rank, dtype, args.device, reps, args.exact or args.device == "cuda")
+        sizes = [(1024, 2752, 3, False), (2048, 5632, 3, True), (4096, 11008, 3, True)]
+    rows = []
+    for hidden, inter, reps, loram_only in sizes:
+        rows += run(hidden, inter, 2, args.rank, dtype, args.device, reps, exact, loram_only)
     append_rows(rows)
     info = machine_info(args.device)
     header = (f"### Whole-model init ({info['device_name']}; {info['machine']}; torch {info['torch']}, "

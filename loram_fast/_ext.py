@@ -15,6 +15,7 @@ import importlib
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -31,8 +32,10 @@ def _jit_build():
     sources = sorted(glob.glob(str(_CSRC / "*.cpp")) + glob.glob(str(_CSRC / "cpu" / "*.cpp")))
     if not sources:
         raise RuntimeError(f"no C++ sources found next to the package ({_CSRC.name}/ is not shipped in this install)")
-    cflags = ["-O3", "-std=c++17"]
-    kwargs = {}
+    # at::parallel_for is OpenMP code in torch's headers: without -fopenmp the extension's loops run on one thread
+    omp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cflags = ["-O3", "-std=c++17", *omp]
+    kwargs = {"extra_ldflags": omp}
     if os.environ.get("LORAM_FAST_CUDA") == "1" and torch.cuda.is_available():
         sources += sorted(glob.glob(str(_CSRC / "cuda" / "*.cu")))
         cflags.append("-DLORAM_FAST_WITH_CUDA")
@@ -49,6 +52,8 @@ def _load():
         module = importlib.import_module("loram_fast._C")
     except ImportError as exc:
         prebuilt_error = str(exc)
+        if not (_CSRC / "ops.cpp").exists():
+            return None, f"not built at install ({prebuilt_error}) and no C++ sources for a JIT build"
         if shutil.which(os.environ.get("CXX", "c++")) is None:
             return None, f"not built at install ({prebuilt_error}) and no C++ compiler for a JIT build"
         try:

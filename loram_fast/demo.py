@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from . import available_methods, get_method, init_model
+from . import available_methods, backends, get_method, init_model
 from .baselines import reference_loram_model
 
 
@@ -47,6 +47,7 @@ def _row(name, seconds, before, after, note=""):
 def run(hidden=1024, layers=4, rank=16, alpha=32, dtype=torch.float32, methods=None) -> list[dict]:
     from peft import LoraConfig, get_peft_model
 
+    backends()  # loads (or JIT-builds, first use only) the compiled backends before anything is timed
     base = build_model(hidden, layers, dtype)
     tokens = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
     before = _logits(base, tokens)
@@ -93,7 +94,8 @@ def main(argv=None) -> int:
     rows = run(args.hidden, args.layers, args.rank, args.alpha, dtype, args.methods)
     device = "CPU" if not torch.cuda.is_available() else torch.cuda.get_device_name()
     header = (f"Llama-shaped model, hidden {args.hidden}, {args.layers} layers, r={args.rank}, alpha={args.alpha}, "
-              f"{args.dtype}, on {device} ({torch.get_num_threads()} threads)")
+              f"{args.dtype}, on {device} ({torch.get_num_threads()} threads); backends available: "
+              f"{', '.join(b for b, ok in backends().items() if ok is True)}")
     sys.stdout.write(format_table(rows, header))
     return 0
 

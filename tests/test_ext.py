@@ -1,4 +1,5 @@
-"""The compiled extension (cpu-ext backend) against the torch references, and torch.library.opcheck."""
+"""The compiled extension (cpu-ext backend, and the cuda backend where a GPU and a CUDA build exist) against the
+torch references, and torch.library.opcheck. Outputs are NaN-filled first, so an unwritten entry fails."""
 import pytest
 import torch
 
@@ -13,6 +14,15 @@ if _STATUS is not True:
 
 ops = torch.ops.loram_fast
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+_CUDA = _ext.status(cuda=True)
+
+
+@pytest.fixture(params=["cpu-ext", "cuda"])
+def backend(request):
+    """(backend name, device) pairs: cpu-ext on CPU tensors, cuda on GPU tensors (skipped without a GPU build)."""
+    if request.param == "cuda" and _CUDA is not True:
+        pytest.skip(f"cuda backend unavailable: {_CUDA}")
+    return request.param, ("cuda" if request.param == "cuda" else "cpu")
 
 
 def _ulp_close(got, expect):
@@ -23,67 +33,76 @@ def _ulp_close(got, expect):
 @pytest.mark.parametrize("n,r", [(37, 5), (1000, 16), (4099, 3)])
 @pytest.mark.parametrize("kind", ["dst1", "dct2"])
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
-def test_basis(n, r, kind, dtype):
-    out = torch.full((n, r), float("nan"), dtype=dtype)  # an unwritten entry stays NaN
+def test_basis(n, r, kind, dtype, backend):
+    _, device = backend
+    out = torch.full((n, r), float("nan"), dtype=dtype, device=device)  # an unwritten entry stays NaN
     ops.basis_fill_(out, _ext.KIND_IDS[kind])
+    out = out.cpu()
     ref = dst_basis(n, r, kind=kind, dtype=torch.float64, backend="torch")
     assert torch.isfinite(out).all()
     assert _ulp_close(out, ref) if dtype != torch.float64 else (out - ref).abs().max() < 1e-13
 
 
-def test_basis_batched():
+def test_basis_batched(backend):
+    name, device = backend
     shapes = [(37, 5), (53, 2), (4099, 3)]
-    got = dst_basis_batched(shapes, kind="dct2", backend="cpu-ext")
+    got = dst_basis_batched(shapes, kind="dct2", device=device, backend=name)
     for (n, r), g in zip(shapes, got):
-        assert (g - dst_basis(n, r, kind="dct2", backend="torch")).abs().max() < 2e-7
+        assert (g.cpu() - dst_basis(n, r, kind="dct2", backend="torch")).abs().max() < 2e-7
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(37, 53), (1000, 37), (4099, 5)])
-def test_moments(dtype, shape):
+def test_moments(dtype, shape, backend):
+    name, device = backend
     W = (torch.randn(*shape) * 0.05 + 0.01).to(dtype)
-    got = weight_moments(W, rows=True, cols=True, backend="cpu-ext")
+    Wd = W.to(device)
+    got = weight_moments(Wd, rows=True, cols=True, backend=name)
     ref = weight_moments(W, rows=True, cols=True, backend="torch")
     assert abs(got.variance() - ref.variance()) <= 1e-6 * ref.variance()
-    assert relative_error(got.row_sq, ref.row_sq) <= 1e-5 and relative_error(got.col_sq, ref.col_sq) <= 1e-5
-    assert abs(weight_moments(W.T, backend="cpu-ext").variance() - ref.variance()) <= 1e-6 * ref.variance()
+    assert relative_error(got.row_sq.cpu(), ref.row_sq) <= 1e-5 and relative_error(got.col_sq.cpu(), ref.col_sq) <= 1e-5
+    assert abs(weight_moments(Wd.T, backend=name).variance() - ref.variance()) <= 1e-6 * ref.variance()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("shape", [(37, 53), (1000, 37), (4099, 5)])
-def test_lowrank_update(dtype, transposed, shape):
+def test_lowrank_update(dtype, transposed, shape, backend):
+    name, device = backend
     g = torch.Generator().manual_seed(0)
     W0 = torch.randn(*shape, generator=g).to(dtype)
     r = min(4, *shape)
     B, A = torch.randn(shape[0], r, generator=g), torch.randn(r, shape[1], generator=g)
     expect = lowrank_update_(W0.clone(), B, A, -0.3, backend="torch")
     if transposed:
-        store = W0.T.contiguous()
-        lowrank_update_(store.T, B, A, -0.3, backend="cpu-ext")
+        store = W0.T.contiguous().to(device)
+        lowrank_update_(store.T, B, A, -0.3, backend=name)
         got = store.T
     else:
-        got = lowrank_update_(W0.clone(), B, A, -0.3, backend="cpu-ext")
-    assert got.dtype == dtype and _ulp_close(got, expect)
+        got = lowrank_update_(W0.clone().to(device), B, A, -0.3, backend=name)
+    assert got.dtype == dtype and _ulp_close(got.cpu(), expect)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["dst1", "dct2"])
-def test_loram_residual(dtype, kind):
+def test_loram_residual(dtype, kind, backend):
+    name, device = backend
     W0 = torch.randn(1000, 37).to(dtype)
     expect = loram_residual_(W0.clone(), 0.7, 16, kind, backend="torch")
-    got = loram_residual_(W0.clone(), 0.7, 16, kind, backend="cpu-ext")
-    assert _ulp_close(got, expect)
+    got = loram_residual_(W0.clone().to(device), 0.7, 16, kind, backend=name)
+    assert _ulp_close(got.cpu(), expect)
 
 
-def test_opcheck_every_op():
-    W = torch.randn(9, 7)
+def test_opcheck_every_op(backend):
+    _, device = backend
+    W = torch.randn(9, 7, device=device)
     checks = [
-        (ops.basis_fill_.default, (torch.empty(9, 4), 0)),
-        (ops.basis_fill_batched_.default, (torch.empty(40), [9, 4], [3, 2], [0, 27], 1)),
+        (ops.basis_fill_.default, (torch.empty(9, 4, device=device), 0)),
+        (ops.basis_fill_batched_.default, (torch.empty(40, device=device), [9, 4], [3, 2], [0, 27], 1)),
         (ops.row_moments.default, (W,)),
         (ops.col_sq.default, (W.T,)),
-        (ops.lowrank_update_.default, (W.clone(), torch.randn(9, 2), torch.randn(2, 7), 0.5)),
+        (ops.lowrank_update_.default,
+         (W.clone(), torch.randn(9, 2, device=device), torch.randn(2, 7, device=device), 0.5)),
         (ops.loram_residual_.default, (W.clone(), 0.5, 3, 0)),
     ]
     for op, args in checks:
@@ -96,7 +115,7 @@ def test_meta_tensors_through_fake_kernels():
     assert s.shape == (11,) and q.device.type == "meta" and ops.col_sq(W).shape == (5,)
 
 
-def test_init_model_on_cpu_ext(llama_base, tokens):
+def test_init_model_on_compiled_backend(llama_base, tokens, backend):
     import copy
 
     from peft import LoraConfig, get_peft_model
@@ -105,8 +124,25 @@ def test_init_model_on_cpu_ext(llama_base, tokens):
 
     from conftest import logits
 
-    a = get_peft_model(copy.deepcopy(llama_base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
-    b = get_peft_model(copy.deepcopy(llama_base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
-    loram_fast.init_model(a, backend="cpu-ext", progress=False)
+    name, device = backend
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
+    a = get_peft_model(copy.deepcopy(llama_base).to(device), cfg)
+    b = get_peft_model(copy.deepcopy(llama_base), cfg)
+    loram_fast.init_model(a, backend=name, progress=False)
+    a = a.cpu()
     loram_fast.init_model(b, backend="torch", progress=False)
     assert relative_error(logits(a, tokens), logits(b, tokens)) <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_update_rounds_like_torch(dtype, backend):
+    """With a product that is exact in fp32, the fused pass must round W + α·B A exactly as ``Tensor.to`` does
+    (round to nearest even), bit for bit, ties included."""
+    name, device = backend
+    g = torch.Generator().manual_seed(3)
+    W0 = torch.randn(257, 131, generator=g).to(dtype)
+    B = torch.randint(-4, 5, (257, 2), generator=g).float() / 64
+    A = torch.randint(-4, 5, (2, 131), generator=g).float() / 64
+    expect = (W0.float() + B @ A).to(dtype)
+    got = lowrank_update_(W0.clone().to(device), B, A, 1.0, backend=name).cpu()
+    assert torch.equal(got.view(torch.int16), expect.view(torch.int16))

@@ -87,6 +87,16 @@ def test_loram_residual_matches_lowrank_update():
     assert relative_error(a, b) < 1e-7
 
 
+def test_loram_residual_with_given_bases():
+    W = torch.randn(37, 53)
+    a, b = W.clone(), W.clone()
+    loram_residual_(a, 0.7, 5, "dst1", backend="torch")
+    loram_residual_(b, 0.7, 5, "dst1", backend="torch", bases=(dst_basis(37, 5), dst_basis(53, 5)))
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="do not match"):
+        loram_residual_(W, 0.7, 5, "dst1", backend="torch", bases=(dst_basis(53, 5), dst_basis(37, 5)))
+
+
 def test_matmul_f32_low_precision():
     A = torch.randn(3, 70, 33).bfloat16()
     B = torch.randn(33, 9)

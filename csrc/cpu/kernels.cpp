@@ -2,40 +2,47 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
 
 namespace loram_fast {
 namespace {
 
 constexpr double kPi = 3.14159265358979323846;
 
-// Basis entry for row i, column k of a length-n basis: exact integer phase, reduced to (-H, H].
-inline double basis_value(int64_t i, int64_t k, int64_t n, int64_t kind) {
-  int64_t half, phase;
-  double amp;
-  if (kind == 0) {  // DST-I: sqrt(2/(n+1)) sin(pi (i+1)(k+1) / (n+1))
-    half = n + 1;
-    phase = ((i + 1) * (k + 1)) % (2 * half);
-    amp = std::sqrt(2.0 / static_cast<double>(half));
-  } else {  // DCT-II: sqrt(2/n) c_k cos(pi (2i+1) k / (2n))
-    half = 2 * n;
-    phase = ((2 * i + 1) * k) % (2 * half);
-    amp = std::sqrt(2.0 / static_cast<double>(n));
-  }
-  if (phase > half) phase -= 2 * half;
-  const double angle = static_cast<double>(phase) * (kPi / static_cast<double>(half));
-  if (kind == 0) return amp * std::sin(angle);
-  const double v = amp * std::cos(angle);
-  return k == 0 ? v * 0.70710678118654752440 : v;
-}
-
-// Column block of basis values: out[j*r + k] for j in [0, len) (row j of a length-n basis), k in [0, r).
+// Basis values out[i*r + k] (row i of a length-n basis, column k < r). Each entry is amp·sin(π P/H) (DST-I) or
+// amp·cos(π P/H) (DCT-II) of an integer phase P reduced into [0, 2H): the 2H distinct values are tabulated once
+// (double precision, the angle reduced to (-π, π]) and looked up, so only 2H sines are evaluated, not n·r.
 template <typename scalar_t>
 void fill_basis(scalar_t* out, int64_t n, int64_t r, int64_t kind) {
+  const int64_t half = kind == 0 ? n + 1 : 2 * n;
+  std::vector<double> table(2 * half);
+  at::parallel_for(0, 2 * half, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t q = p > half ? p - 2 * half : p;
+      const double angle = static_cast<double>(q) * (kPi / static_cast<double>(half));
+      table[p] = kind == 0 ? std::sqrt(2.0 / static_cast<double>(half)) * std::sin(angle)
+                           : std::sqrt(2.0 / static_cast<double>(n)) * std::cos(angle);
+    }
+  });
+  const double* tab = table.data();
   at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i)
-      for (int64_t k = 0; k < r; ++k) out[i * r + k] = static_cast<scalar_t>(basis_value(i, k, n, kind));
+    for (int64_t i = begin; i < end; ++i) {
+      for (int64_t k = 0; k < r; ++k) {
+        double v;
+        if (kind == 0) {
+          v = tab[((i + 1) * (k + 1)) % (2 * half)];
+        } else {
+          v = tab[((2 * i + 1) * k) % (2 * half)];
+          if (k == 0) v *= 0.70710678118654752440;
+        }
+        out[i * r + k] = static_cast<scalar_t>(v);
+      }
+    }
   });
 }
 
@@ -84,25 +91,107 @@ at::Tensor col_sq(const at::Tensor& W) {
   return out;
 }
 
-// Sum and sum of squares of x[0], x[stride], ..., x[(n-1)*stride]: 16 float lanes (vectorisable, independent
-// accumulators), flushed into double every 4096 elements, so the result is accurate to ~1e-9 relative.
+// ---- vectorised row kernels --------------------------------------------------------------------------------
+// Eight float lanes through GCC/Clang vector extensions. On x86-64 Linux with GCC the hot loops are compiled twice
+// (target_clones): an AVX2 version picked at load time where the CPU has it, and a baseline (SSE2) version.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define LORAM_FAST_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define LORAM_FAST_CLONES
+#endif
+
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+
+constexpr int64_t kFlush = 4096;  // float lanes are flushed into double every kFlush elements (~1e-9 relative)
+
+// Eight consecutive values as floats: fp32 and bf16 by vector loads (bf16 is the high half of an fp32), fp16 and
+// fp64 element by element.
+#define LORAM_FAST_LOAD8_F32(dst, ptr) std::memcpy(&(dst), (ptr), 32)
+#define LORAM_FAST_LOAD8_BF16(dst, ptr)                                  \
+  do {                                                                   \
+    u16x8 h_;                                                            \
+    std::memcpy(&h_, (ptr), 16);                                         \
+    u32x8 w_ = __builtin_convertvector(h_, u32x8) << 16;                 \
+    std::memcpy(&(dst), &w_, 32);                                        \
+  } while (0)
+
+// Round eight floats to bf16 exactly as c10::BFloat16 does (round to nearest even, NaN -> 0x7FC0).
+#define LORAM_FAST_STORE8_BF16(ptr, src)                                 \
+  do {                                                                   \
+    u32x8 b_;                                                            \
+    std::memcpy(&b_, &(src), 32);                                        \
+    u32x8 r_ = (b_ + 0x7FFFu + ((b_ >> 16) & 1u)) >> 16;                 \
+    u32x8 nan_ = (u32x8)((src) != (src));                                \
+    r_ = (r_ & ~nan_) | (nan_ & 0x7FC0u);                                \
+    u16x8 h_ = __builtin_convertvector(r_, u16x8);                       \
+    std::memcpy((ptr), &h_, 16);                                         \
+  } while (0)
+
+// Sum and sum of squares of one contiguous row: two pairs of 8-lane float accumulators, flushed into double.
+#define LORAM_FAST_ROW_SUMS_BODY(LOAD8, to_float)                        \
+  double sum = 0.0, sq = 0.0;                                            \
+  for (int64_t start = 0; start < n; start += kFlush) {                  \
+    const int64_t stop = std::min(n, start + kFlush);                    \
+    f32x8 a0 = {}, a1 = {}, q0 = {}, q1 = {};                            \
+    int64_t j = start;                                                   \
+    for (; j + 16 <= stop; j += 16) {                                    \
+      f32x8 u, v;                                                        \
+      LOAD8(u, x + j);                                                   \
+      LOAD8(v, x + j + 8);                                               \
+      a0 += u;                                                           \
+      a1 += v;                                                           \
+      q0 += u * u;                                                       \
+      q1 += v * v;                                                       \
+    }                                                                    \
+    double ts = 0.0, tq = 0.0;                                           \
+    for (; j < stop; ++j) {                                              \
+      const float t = to_float(x[j]);                                    \
+      ts += t;                                                           \
+      tq += static_cast<double>(t * t);                                  \
+    }                                                                    \
+    const f32x8 a = a0 + a1, q = q0 + q1;                                \
+    for (int l = 0; l < 8; ++l) {                                        \
+      ts += a[l];                                                        \
+      tq += q[l];                                                        \
+    }                                                                    \
+    sum += ts;                                                           \
+    sq += tq;                                                            \
+  }                                                                      \
+  *out_sum = sum;                                                        \
+  *out_sq = sq;
+
+inline float f32_of(float x) { return x; }
+inline float bf16_bits_to_float(uint16_t b) {
+  const uint32_t w = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &w, 4);
+  return f;
+}
+
+LORAM_FAST_CLONES void row_sums_f32(const float* x, int64_t n, double* out_sum, double* out_sq) {
+  LORAM_FAST_ROW_SUMS_BODY(LORAM_FAST_LOAD8_F32, f32_of)
+}
+
+LORAM_FAST_CLONES void row_sums_bf16(const uint16_t* x, int64_t n, double* out_sum, double* out_sq) {
+  LORAM_FAST_ROW_SUMS_BODY(LORAM_FAST_LOAD8_BF16, bf16_bits_to_float)
+}
+
+// Any dtype, any stride: float lanes by element conversion.
 template <typename scalar_t>
-inline void row_sums(const scalar_t* x, int64_t n, int64_t stride, double& sum, double& sq) {
-  constexpr int L = 16;
-  constexpr int64_t kFlush = 4096;
-  sum = 0.0;
-  sq = 0.0;
+void row_sums_generic(const scalar_t* x, int64_t n, int64_t stride, double* out_sum, double* out_sq) {
+  double sum = 0.0, sq = 0.0;
   for (int64_t start = 0; start < n; start += kFlush) {
     const int64_t stop = std::min(n, start + kFlush);
-    float a[L] = {0}, q[L] = {0};
+    float a[8] = {0}, q[8] = {0};
     int64_t j = start;
-    if (stride == 1) {
-      for (; j + L <= stop; j += L) {
-        for (int l = 0; l < L; ++l) {
-          const float v = static_cast<float>(x[j + l]);
-          a[l] += v;
-          q[l] += v * v;
-        }
+    for (; j + 8 <= stop; j += 8) {
+      for (int l = 0; l < 8; ++l) {
+        const float v = static_cast<float>(x[(j + l) * stride]);
+        a[l] += v;
+        q[l] += v * v;
       }
     }
     for (; j < stop; ++j) {
@@ -110,11 +199,47 @@ inline void row_sums(const scalar_t* x, int64_t n, int64_t stride, double& sum, 
       a[0] += v;
       q[0] += v * v;
     }
-    for (int l = 0; l < L; ++l) {
+    for (int l = 0; l < 8; ++l) {
       sum += a[l];
       sq += q[l];
     }
   }
+  *out_sum = sum;
+  *out_sq = sq;
+}
+
+template <typename scalar_t>
+inline void row_sums(const scalar_t* x, int64_t n, int64_t stride, double* s, double* q) {
+  if (stride == 1 && std::is_same<scalar_t, float>::value) {
+    row_sums_f32(reinterpret_cast<const float*>(x), n, s, q);
+  } else if (stride == 1 && std::is_same<scalar_t, at::BFloat16>::value) {
+    row_sums_bf16(reinterpret_cast<const uint16_t*>(x), n, s, q);
+  } else {
+    row_sums_generic(x, n, stride, s, q);
+  }
+}
+
+// row[j] <- round(row[j] + a * p[j]) for j < n, contiguous; bf16 rounding as c10 does it.
+LORAM_FAST_CLONES void axpy_row_bf16(uint16_t* row, const float* p, int64_t n, float a) {
+  int64_t j = 0;
+  const f32x8 av = {a, a, a, a, a, a, a, a};
+  for (; j + 8 <= n; j += 8) {
+    f32x8 w, u;
+    LORAM_FAST_LOAD8_BF16(w, row + j);
+    std::memcpy(&u, p + j, 32);
+    const f32x8 r = w + av * u;
+    LORAM_FAST_STORE8_BF16(row + j, r);
+  }
+  for (; j < n; ++j) {
+    const at::BFloat16 v(bf16_bits_to_float(row[j]) + a * p[j]);
+    row[j] = v.x;
+  }
+}
+
+template <typename scalar_t>
+void axpy_row_generic(scalar_t* row, int64_t stride, const float* p, int64_t n, float a) {
+  for (int64_t j = 0; j < n; ++j)
+    row[j * stride] = static_cast<scalar_t>(static_cast<float>(row[j * stride]) + a * p[j]);
 }
 
 std::tuple<at::Tensor, at::Tensor> row_moments(const at::Tensor& W) {
@@ -131,10 +256,11 @@ std::tuple<at::Tensor, at::Tensor> row_moments(const at::Tensor& W) {
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W.scalar_type(), "row_moments", [&] {
     const scalar_t* w = W.data_ptr<scalar_t>();
-    at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1));
+    at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         double s, q;
-        row_sums(w + i * sm, n, sn, s, q);
+        row_sums(w + i * sm, n, sn, &s, &q);
         ps[i] = static_cast<float>(s);
         pq[i] = static_cast<float>(q);
       }
@@ -143,31 +269,40 @@ std::tuple<at::Tensor, at::Tensor> row_moments(const at::Tensor& W) {
   return {sums, sqs};
 }
 
-// W[rows] += alpha * P where P = left[rows] @ right is computed by BLAS in fp32, one row chunk at a time
-// (a chunk of at most ~1M products, a 4 MiB fp32 temporary), then added to W in its own dtype with a single rounding.
-void chunked_update(at::Tensor& W, const at::Tensor& left, const at::Tensor& right, double alpha) {
+// W[rows] += alpha * P with P = left[rows] @ right (BLAS, fp32), one row chunk at a time (at most ~1M products:
+// a 4 MiB fp32 temporary). fp32 W: BLAS updates it in place. bf16/fp16 W: one fused pass reads W and P and writes
+// W rounded once. A column-major view (Conv1D's transpose) is updated as its stored transpose.
+void chunked_update(at::Tensor W, at::Tensor left, at::Tensor right, double alpha) {
+  if (W.stride(1) != 1 && W.stride(0) == 1 && W.size(0) > 1) {
+    W = W.t();
+    std::swap(left, right);
+    left = left.t();
+    right = right.t();
+  }
   const int64_t m = W.size(0), n = W.size(1), sm = W.stride(0), sn = W.stride(1);
   const int64_t step = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(n, 1));
-  if (W.scalar_type() == at::kFloat) {  // fp32: BLAS updates W in place, chunk by chunk (no temporary)
+  if (W.scalar_type() == at::kFloat) {
     for (int64_t start = 0; start < m; start += step) {
       const int64_t rows = std::min(step, m - start);
       W.narrow(0, start, rows).addmm_(left.narrow(0, start, rows), right, 1.0, alpha);
     }
     return;
   }
+  const float a = static_cast<float>(alpha);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W.scalar_type(), "lowrank_update_", [&] {
     scalar_t* w = W.data_ptr<scalar_t>();
     for (int64_t start = 0; start < m; start += step) {
       const int64_t rows = std::min(step, m - start);
       at::Tensor prod = at::mm(left.narrow(0, start, rows), right).contiguous();  // rows×n fp32
       const float* p = prod.data_ptr<float>();
-      const float a = static_cast<float>(alpha);
-      at::parallel_for(0, rows, 8, [&](int64_t b, int64_t e) {
+      const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1));
+      at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
         for (int64_t i = b; i < e; ++i) {
           scalar_t* row = w + (start + i) * sm;
-          const float* prow = p + i * n;
-          for (int64_t j = 0; j < n; ++j)
-            row[j * sn] = static_cast<scalar_t>(static_cast<float>(row[j * sn]) + a * prow[j]);
+          if (sn == 1 && std::is_same<scalar_t, at::BFloat16>::value)
+            axpy_row_bf16(reinterpret_cast<uint16_t*>(row), p + i * n, n, a);
+          else
+            axpy_row_generic(row, sn, p + i * n, n, a);
         }
       });
     }

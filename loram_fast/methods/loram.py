@@ -84,7 +84,7 @@ def loram_init(W: torch.Tensor, r: int, scaling: float, *, kind: str = "dst1", a
     coef = scaling * beta * beta
 
     def fused(Wv: torch.Tensor, sign: float) -> None:
-        loram_residual_(Wv, -sign * coef, r, kind, backend=backend)
+        loram_residual_(Wv, -sign * coef, r, kind, backend=backend, bases=(V, U))
 
     return LayerInit(A=A, B=B, scaling=scaling, residual=True, fused=fused)
 

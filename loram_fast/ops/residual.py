@@ -9,6 +9,8 @@
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from . import dispatch
@@ -54,19 +56,33 @@ def lowrank_update_(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, alpha: fl
 
 
 @dispatch.register("loram_residual_", "torch")
-def loram_residual_reference_(W: torch.Tensor, coef: float, r: int, kind: str = "dst1") -> torch.Tensor:
-    """Reference: build the two bases, then :func:`lowrank_update_reference_`."""
+def loram_residual_reference_(W: torch.Tensor, coef: float, r: int, kind: str = "dst1",
+                              bases: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    """Reference: build the two bases (or take ``bases = (V, U)``, m×r and n×r, already built), then
+    :func:`lowrank_update_reference_`."""
     m, n = W.shape
-    V = dst_basis(m, r, kind=kind, device=W.device, backend="torch")
-    U = dst_basis(n, r, kind=kind, device=W.device, backend="torch")
+    if bases is None:
+        bases = (dst_basis(m, r, kind=kind, device=W.device, backend="torch"),
+                 dst_basis(n, r, kind=kind, device=W.device, backend="torch"))
+    V, U = bases
     return lowrank_update_reference_(W, V, U.T, -coef)
 
 
-def loram_residual_(W: torch.Tensor, coef: float, r: int, kind: str = "dst1", *, backend=None) -> torch.Tensor:
-    """``W ← W − coef · dst_basis(m, r) @ dst_basis(n, r).T`` in place (W m×n). Returns W."""
+def loram_residual_(W: torch.Tensor, coef: float, r: int, kind: str = "dst1", *, backend=None,
+                    bases: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    """``W ← W − coef · dst_basis(m, r) @ dst_basis(n, r).T`` in place (W m×n). Returns W.
+
+    ``bases = (dst_basis(m, r), dst_basis(n, r))``, when the caller has them, spares the torch path
+    rebuilding them; compiled backends generate the basis tiles in the kernel and ignore it."""
     if W.dim() != 2:
         raise ValueError(f"loram_fast.loram_residual_: W must be 2-D, got shape {tuple(W.shape)}")
     if W.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"loram_fast.loram_residual_: unsupported weight dtype {W.dtype}")
-    _, impl = dispatch.resolve("loram_residual_", W.device, backend)
+    name, impl = dispatch.resolve("loram_residual_", W.device, backend)
+    if name == "torch" and bases is not None:
+        V, U = bases
+        if V.shape != (W.shape[0], r) or U.shape != (W.shape[1], r):
+            raise ValueError(f"loram_fast.loram_residual_: bases of shapes {tuple(V.shape)}, {tuple(U.shape)} "
+                             f"do not match W {tuple(W.shape)} at r={r}")
+        return impl(W, float(coef), int(r), kind, bases=bases)
     return impl(W, float(coef), int(r), kind)
