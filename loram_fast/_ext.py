@@ -26,8 +26,26 @@ _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 KIND_IDS = {"dst1": 0, "dct2": 1}
 
 
+def _clear_stale_lock(name: str, max_age_s: float = 900.0) -> None:
+    """torch's JIT build waits forever on the lock file of a build that was killed midway: drop one that is older
+    than any real build of this extension."""
+    import time
+
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+        if lock.exists() and time.time() - lock.stat().st_mtime > max_age_s:
+            logger.warning("loram_fast: removing a stale build lock left by an interrupted build (%s)", lock.name)
+            lock.unlink()
+    except (OSError, ImportError):  # pragma: no cover - best effort (a private torch helper)
+        pass
+
+
 def _jit_build():
     from torch.utils.cpp_extension import load
+
+    _clear_stale_lock("loram_fast_C")
 
     sources = sorted(glob.glob(str(_CSRC / "*.cpp")) + glob.glob(str(_CSRC / "cpu" / "*.cpp")))
     if not sources:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import sys
 import time
 
@@ -90,6 +91,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--methods", nargs="*", default=None)
     args = p.parse_args(argv)
+    # say so when the C++ extension is built on first use (about 30 s on 2 cores; cached afterwards)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logging.getLogger("loram_fast._ext").setLevel(logging.INFO)
     dtype = getattr(torch, args.dtype)
     rows = run(args.hidden, args.layers, args.rank, args.alpha, dtype, args.methods)
     device = "CPU" if not torch.cuda.is_available() else torch.cuda.get_device_name()
