@@ -10,6 +10,7 @@ import datetime as _dt
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -158,3 +159,12 @@ def write_report(name: str, table: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(table)
     return path
+
+
+def publish(rows: list[dict], name: str, columns: list[str], header: str) -> str:
+    """The end of every bench: append ``rows`` to the CSV, write ``bench/results/<name>.md``, echo the table."""
+    append_rows(rows)
+    table = markdown_table(rows, columns, header)
+    write_report(name, table)
+    sys.stdout.write(table)
+    return table

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, append_rows, machine_info, markdown_table, measure, plot, write_report  # noqa: E402
+from common import RESULTS, machine_info, measure, plot, publish  # noqa: E402
 
 import loram_fast  # noqa: E402
 from loram_fast.baselines import peft_init_model, reference_loram_model  # noqa: E402
@@ -115,16 +115,14 @@ def main(argv=None):
     rows = []
     for hidden, inter, reps, loram_only in sizes:
         rows += run(hidden, inter, 2, args.rank, dtype, args.device, reps, exact, loram_only)
-    append_rows(rows)
     info = machine_info(args.device)
     header = (f"### Whole-model init ({info['device_name']}; {info['machine']}; torch {info['torch']}, "
               f"peft {info['peft']})\n\nratio = baseline time / provider time within a method family "
               "(baseline: peft's own init, or the LoRAM reference code path); higher is faster.")
-    table = markdown_table(rows, ["provider", "shape", "rank", "dtype", "median_s", "ratio", "rel_err"], header)
-    write_report(f"init_{args.device}_{args.dtype}", table)
+    publish(rows, f"init_{args.device}_{args.dtype}",
+            ["provider", "shape", "rank", "dtype", "median_s", "ratio", "rel_err"], header)
     plot(rows, RESULTS / f"init_{args.device}_{args.dtype}.png", x="provider", group="shape",
          title=f"whole-model init, {args.dtype}, {info['device_name']}")
-    sys.stdout.write(table)
 
 
 if __name__ == "__main__":

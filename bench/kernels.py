@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_rows, machine_info, markdown_table, measure, write_report  # noqa: E402
+from common import machine_info, measure, publish  # noqa: E402
 
 from loram_fast.methods.loram import loram_init, loram_reference  # noqa: E402
 from loram_fast.ops import backends, loram_residual_, weight_moments  # noqa: E402
@@ -101,13 +101,10 @@ def main(argv=None):
             for r in rows:
                 if r["shape"] == common["shape"] and r["dtype"] == common["dtype"] and "layer init" in r["provider"]:
                     r["ratio"] = ref_t / r["median_s"]
-    append_rows(rows)
     header = (f"### Memory-bound kernels ({info['device_name']}; {info['machine']}; torch {info['torch']})\n\n"
               "GB/s = the bytes the op must move / time; ratio = reference code path time / our layer init time "
               "(higher is faster). Peak extra memory: above the weight, one process per measurement.")
-    table = markdown_table(rows, ["provider", "shape", "dtype", "median_s", "ratio", "extra"], header)
-    write_report(f"kernels_{dev}", table)
-    sys.stdout.write(table)
+    publish(rows, f"kernels_{dev}", ["provider", "shape", "dtype", "median_s", "ratio", "extra"], header)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, append_rows, machine_info, markdown_table, measure, plot, write_report  # noqa: E402
+from common import RESULTS, machine_info, measure, plot, publish  # noqa: E402
 
 from loram_fast import randomized_svd  # noqa: E402
 
@@ -93,14 +93,12 @@ def main(argv=None):
     else:
         shapes, ranks, reps = CPU_SHAPES, [8, 16, 64, 256], 3
     rows = run(shapes, ranks, [torch.float32, torch.bfloat16], args.device, reps)
-    append_rows(rows)
     info = machine_info(args.device)
     header = (f"### SVD microbenchmark ({info['device_name']}; {info['machine']}; torch {info['torch']})\n\n"
               "ratio = torch.linalg.svd time / provider time on the same shape and dtype (higher is faster); "
               "rel_err = ‖A − U S Vh‖_F / optimal rank-r error (1 is optimal).")
-    table = markdown_table([r for r in rows if r["rank"] != "full"] + [r for r in rows if r["rank"] == "full"],
-                           ["provider", "shape", "rank", "dtype", "median_s", "ratio", "rel_err"], header)
-    write_report("svd", table)
+    publish([r for r in rows if r["rank"] != "full"] + [r for r in rows if r["rank"] == "full"], "svd",
+            ["provider", "shape", "rank", "dtype", "median_s", "ratio", "rel_err"], header)
     fp32 = [r for r in rows if r["dtype"] == "float32"]
     cases = [{**r, "case": f"{r['shape']} r={r['rank']}"} for r in fp32 if r["rank"] != "full"]
     # the full SVD does not depend on r: draw it at every rank of its shape
@@ -109,7 +107,6 @@ def main(argv=None):
     order = list(dict.fromkeys(c["case"] for c in cases))
     cases.sort(key=lambda r: order.index(r["case"]))
     plot(cases, RESULTS / "svd.png", x="case", group="provider", title=f"rank-r factorisation, fp32, {info['device_name']}")
-    sys.stdout.write(table)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import loram_fast
 from loram_fast import peft_hook
 from loram_fast.methods.svd import olora_init_batch, svd_init_batch
 
-from conftest import GPT2_TARGETS, LLAMA_TARGETS, logits, relative_error
+from conftest import GPT2_TARGETS, LLAMA_TARGETS, assert_state_equal, logits, relative_error
 
 
 def _layers(model, adapter="default"):
@@ -108,8 +108,7 @@ def test_hook_milora_and_take_over(llama_base):
     via_hook = get_peft_model(copy.deepcopy(llama_base), LoraConfig(init_lora_weights="milora", **kw))
     via_api = get_peft_model(copy.deepcopy(llama_base), LoraConfig(**kw))
     loram_fast.init_model(via_api, method="milora", progress=False)
-    for k, v in via_hook.state_dict().items():
-        assert torch.equal(v, via_api.state_dict()[k]), k
+    assert_state_equal(via_api, via_hook.state_dict())
     # opt-in: peft's own "pissa_niter_N" / "olora" strings routed through loram_fast
     try:
         peft_hook.install(take_over_peft_inits=True)
@@ -119,8 +118,7 @@ def test_hook_milora_and_take_over(llama_base):
         taken = get_peft_model(copy.deepcopy(llama_base), LoraConfig(init_lora_weights="olora", **kw))
         api = get_peft_model(copy.deepcopy(llama_base), LoraConfig(**kw))
         loram_fast.init_model(api, method="olora", progress=False)
-        for k, v in taken.state_dict().items():
-            assert torch.equal(v, api.state_dict()[k]), k
+        assert_state_equal(api, taken.state_dict())
     finally:
         peft_hook.uninstall()
         peft_hook.install()

@@ -7,6 +7,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "../common.h"
+
 #include <algorithm>
 #include <utility>
 #include <cstdint>
@@ -68,8 +70,6 @@ __global__ void basis_batched_kernel(scalar_t* __restrict__ out, const int64_t* 
 inline unsigned blocks_for(int64_t count, int threads) {
   return static_cast<unsigned>((count + threads - 1) / threads);
 }
-
-void check_kind(int64_t kind) { TORCH_CHECK(kind == 0 || kind == 1, "loram_fast: basis kind must be 0 or 1"); }
 
 void basis_fill_(at::Tensor out, int64_t kind) {
   check_kind(kind);
@@ -270,19 +270,15 @@ void launch_update(at::Tensor W, at::Tensor B, at::Tensor A, double alpha) {
 }
 
 void lowrank_update_(at::Tensor W, const at::Tensor& B, const at::Tensor& A, double alpha) {
-  TORCH_CHECK(W.dim() == 2 && B.dim() == 2 && A.dim() == 2, "loram_fast.lowrank_update_: 2-D tensors expected");
-  TORCH_CHECK(B.size(0) == W.size(0) && A.size(1) == W.size(1) && B.size(1) == A.size(0),
-              "loram_fast.lowrank_update_: shapes do not chain");
+  check_update(W, B, A);
   const c10::cuda::CUDAGuard guard(W.device());
   launch_update(W, B.to(W.device(), at::kFloat), A.to(W.device(), at::kFloat), alpha);
 }
 
 // W -= coef * V_r U_r^T: the two bases ((m + n) × r fp32, tiny) are generated on the device, then one fused pass.
 void loram_residual_(at::Tensor W, double coef, int64_t r, int64_t kind) {
-  check_kind(kind);
-  TORCH_CHECK(W.dim() == 2, "loram_fast.loram_residual_: W must be 2-D");
+  check_residual(W, r, kind);
   const int64_t m = W.size(0), n = W.size(1);
-  TORCH_CHECK(r >= 1 && r <= std::min(m, n), "loram_fast.loram_residual_: need 1 <= r <= min(m, n)");
   const c10::cuda::CUDAGuard guard(W.device());
   auto opts = W.options().dtype(at::kFloat);
   at::Tensor V = at::empty({m, r}, opts), U = at::empty({n, r}, opts);
@@ -294,12 +290,7 @@ void loram_residual_(at::Tensor W, double coef, int64_t r, int64_t kind) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(loram_fast, CUDA, m) {
-  m.impl("basis_fill_", &basis_fill_);
-  m.impl("basis_fill_batched_", &basis_fill_batched_);
-  m.impl("row_moments", &row_moments);
-  m.impl("col_sq", &col_sq);
-  m.impl("lowrank_update_", &lowrank_update_);
-  m.impl("loram_residual_", &loram_residual_);
+  LORAM_FAST_IMPL_ALL(m);
 }
 
 }  // namespace loram_fast

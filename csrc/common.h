@@ -1,0 +1,36 @@
+// Shared by the CPU (csrc/cpu/) and CUDA (csrc/cuda/) kernels: argument checks and the operator registration,
+// so the two dispatch keys accept the same inputs and register the same operators.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <algorithm>
+
+namespace loram_fast {
+
+inline void check_kind(int64_t kind) {
+  TORCH_CHECK(kind == 0 || kind == 1, "loram_fast: basis kind must be 0 (DST-I) or 1 (DCT-II)");
+}
+
+inline void check_update(const at::Tensor& W, const at::Tensor& B, const at::Tensor& A) {
+  TORCH_CHECK(W.dim() == 2 && B.dim() == 2 && A.dim() == 2, "loram_fast.lowrank_update_: 2-D tensors expected");
+  TORCH_CHECK(B.size(0) == W.size(0) && A.size(1) == W.size(1) && B.size(1) == A.size(0),
+              "loram_fast.lowrank_update_: shapes do not chain");
+}
+
+inline void check_residual(const at::Tensor& W, int64_t r, int64_t kind) {
+  check_kind(kind);
+  TORCH_CHECK(W.dim() == 2, "loram_fast.loram_residual_: W must be 2-D");
+  TORCH_CHECK(r >= 1 && r <= std::min(W.size(0), W.size(1)), "loram_fast.loram_residual_: need 1 <= r <= min(m, n)");
+}
+
+}  // namespace loram_fast
+
+// Inside TORCH_LIBRARY_IMPL(loram_fast, <key>, m): every operator of csrc/ops.cpp, implemented by the functions of
+// the same names in scope.
+#define LORAM_FAST_IMPL_ALL(m)                         \
+  m.impl("basis_fill_", &basis_fill_);                 \
+  m.impl("basis_fill_batched_", &basis_fill_batched_); \
+  m.impl("row_moments", &row_moments);                 \
+  m.impl("col_sq", &col_sq);                           \
+  m.impl("lowrank_update_", &lowrank_update_);         \
+  m.impl("loram_residual_", &loram_residual_)
