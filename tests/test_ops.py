@@ -10,6 +10,9 @@ from loram_fast.ops import (backends, dispatch, dst_basis, dst_basis_batched, lo
 
 from conftest import relative_error
 
+# the torch references, and whatever the dispatch picks automatically on CPU (cpu-ext where it is built)
+AUTO_AND_TORCH = pytest.mark.parametrize("backend", [None, "torch"], ids=["auto", "torch"])
+
 
 def _np_basis(n, r, kind):
     i = np.arange(n, dtype=np.float64)[:, None]
@@ -23,16 +26,18 @@ def _np_basis(n, r, kind):
 
 @pytest.mark.parametrize("n,r", [(37, 5), (1000, 16), (4099, 3)])
 @pytest.mark.parametrize("kind", ["dst1", "dct2"])
-def test_basis_entries_and_orthonormal(n, r, kind):
-    V = dst_basis(n, r, kind=kind)
+@AUTO_AND_TORCH
+def test_basis_entries_and_orthonormal(n, r, kind, backend):
+    V = dst_basis(n, r, kind=kind, backend=backend)
     assert V.shape == (n, r) and V.dtype == torch.float32
     assert np.abs(V.numpy() - _np_basis(n, r, kind)).max() < 2e-7
     assert torch.allclose(V.double().T @ V.double(), torch.eye(r, dtype=torch.float64), atol=1e-6)
 
 
-def test_basis_exact_angles_for_large_n():
+@AUTO_AND_TORCH
+def test_basis_exact_angles_for_large_n(backend):
     n, r = 200_003, 4  # (i+1)(k+1) > 2**19: naive fp32 angles lose ~1e-2 here
-    V = dst_basis(n, r, dtype=torch.float64)
+    V = dst_basis(n, r, dtype=torch.float64, backend=backend)
     i = torch.arange(n, dtype=torch.float64)
     exact = math.sqrt(2 / (n + 1)) * torch.sin(((i + 1) * 4 % (2 * (n + 1))) * math.pi / (n + 1))
     assert (V[:, 3] - exact).abs().max() < 1e-12
@@ -48,42 +53,45 @@ def test_basis_batched_and_errors():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_moments(dtype):
+@AUTO_AND_TORCH
+def test_moments(dtype, backend):
     W = (torch.randn(301, 77) * 0.1 + 0.05).to(dtype)
-    m = weight_moments(W, rows=True, cols=True)
+    m = weight_moments(W, rows=True, cols=True, backend=backend)
     Wd = W.double()
     assert math.isclose(m.variance(), torch.var(Wd).item(), rel_tol=1e-6)  # fp32 accumulation
     assert math.isclose(m.variance(), torch.var(W.float()).item(), rel_tol=1e-6)
     assert torch.allclose(m.row_norms().double(), Wd.norm(dim=1), rtol=1e-6)
     assert torch.allclose(m.col_norms().double(), Wd.norm(dim=0), rtol=1e-6)
-    mt = weight_moments(W.T)  # strided input
+    mt = weight_moments(W.T, backend=backend)  # strided input
     assert math.isclose(mt.variance(), m.variance(), rel_tol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("transposed", [False, True])
-def test_lowrank_update(dtype, transposed):
+@AUTO_AND_TORCH
+def test_lowrank_update(dtype, transposed, backend):
     g = torch.Generator().manual_seed(0)
     W0 = torch.randn(53, 37, generator=g).to(dtype)
     B, A = torch.randn(53, 4, generator=g), torch.randn(4, 37, generator=g)
     expect = (W0.float() + 0.3 * B @ A).to(dtype)
     if transposed:
         store = W0.T.contiguous().clone()
-        lowrank_update_(store.T, B, A, 0.3)
+        lowrank_update_(store.T, B, A, 0.3, backend=backend)
         got = store.T
     else:
         got = W0.clone()
-        lowrank_update_(got, B, A, 0.3)
+        lowrank_update_(got, B, A, 0.3, backend=backend)
     assert got.dtype == dtype
     tol = 0 if dtype == torch.float32 else torch.finfo(dtype).eps
     assert ((got.float() - expect.float()).abs() <= tol * expect.float().abs() + 1e-5).all()
 
 
-def test_loram_residual_matches_lowrank_update():
+@AUTO_AND_TORCH
+def test_loram_residual_matches_lowrank_update(backend):
     W = torch.randn(37, 53)
     a, b = W.clone(), W.clone()
-    loram_residual_(a, 0.7, 5, "dst1")
-    lowrank_update_(b, dst_basis(37, 5), dst_basis(53, 5).T, -0.7)
+    loram_residual_(a, 0.7, 5, "dst1", backend=backend)
+    lowrank_update_(b, dst_basis(37, 5), dst_basis(53, 5).T, -0.7, backend=backend)
     assert relative_error(a, b) < 1e-7
 
 
