@@ -11,6 +11,12 @@ inline void check_kind(int64_t kind) {
   TORCH_CHECK(kind == 0 || kind == 1, "loram_fast: basis kind must be 0 (DST-I) or 1 (DCT-II)");
 }
 
+inline void check_scaled(const at::Tensor& out, const at::Tensor& scale) {
+  TORCH_CHECK(out.dim() == 2 && out.is_contiguous(), "loram_fast.basis_fill_scaled_: out must be a contiguous 2-D tensor");
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == out.size(0) && scale.device() == out.device(),
+              "loram_fast.basis_fill_scaled_: scale must hold one value per row of out, on out's device");
+}
+
 inline void check_update(const at::Tensor& W, const at::Tensor& B, const at::Tensor& A) {
   TORCH_CHECK(W.dim() == 2 && B.dim() == 2 && A.dim() == 2, "loram_fast.lowrank_update_: 2-D tensors expected");
   TORCH_CHECK(B.size(0) == W.size(0) && A.size(1) == W.size(1) && B.size(1) == A.size(0),
@@ -29,6 +35,7 @@ inline void check_residual(const at::Tensor& W, int64_t r, int64_t kind) {
 // the same names in scope.
 #define LORAM_FAST_IMPL_ALL(m)                         \
   m.impl("basis_fill_", &basis_fill_);                 \
+  m.impl("basis_fill_scaled_", &basis_fill_scaled_);   \
   m.impl("basis_fill_batched_", &basis_fill_batched_); \
   m.impl("row_moments", &row_moments);                 \
   m.impl("col_sq", &col_sq);                           \

@@ -5,6 +5,8 @@
 TORCH_LIBRARY(loram_fast, m) {
   // Fill `out` (n×r, contiguous, any float dtype) with basis `kind` (0: DST-I, 1: DCT-II); exact integer phases.
   m.def("basis_fill_(Tensor(a!) out, int kind) -> ()");
+  // Same, row i multiplied by scale[i] (scale: n floats on out's device), rounded once: diag(scale) · basis.
+  m.def("basis_fill_scaled_(Tensor(a!) out, Tensor scale, int kind) -> ()");
   // Many bases in one flat buffer: basis b is out[offsets[b] : offsets[b] + ns[b]*rs[b]] viewed ns[b]×rs[b].
   m.def("basis_fill_batched_(Tensor(a!) out, int[] ns, int[] rs, int[] offsets, int kind) -> ()");
   // Per-row sum and sum of squares of W (m×n, any strides), fp32 outputs accumulated in fp64.

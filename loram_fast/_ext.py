@@ -104,6 +104,10 @@ def _register_fakes() -> None:
     def _(out, kind):
         return None
 
+    @torch.library.register_fake(lib + "basis_fill_scaled_")
+    def _(out, scale, kind):
+        return None
+
     @torch.library.register_fake(lib + "basis_fill_batched_")
     def _(out, ns, rs, offsets, kind):
         return None
@@ -138,6 +142,11 @@ def _register(module) -> None:
         ops.basis_fill_(out, KIND_IDS[kind])
         return out
 
+    def scaled_basis(n, r, scale, kind="dst1", dtype=torch.float32):
+        out = torch.empty(n, r, dtype=dtype, device=scale.device)
+        ops.basis_fill_scaled_(out, scale, KIND_IDS[kind])
+        return out
+
     def dst_basis_batched(shapes, kind="dst1", dtype=torch.float32, device=None):
         sizes = [n * r for n, r in shapes]
         offsets = [sum(sizes[:i]) for i in range(len(sizes))]
@@ -159,7 +168,7 @@ def _register(module) -> None:
         return W
 
     for backend in backends:
-        for name, fn in [("dst_basis", dst_basis), ("dst_basis_batched", dst_basis_batched),
-                         ("weight_moments", weight_moments), ("lowrank_update_", lowrank_update_),
+        for name, fn in [("dst_basis", dst_basis), ("scaled_basis", scaled_basis),
+                         ("dst_basis_batched", dst_basis_batched), ("weight_moments", weight_moments), ("lowrank_update_", lowrank_update_),
                          ("loram_residual_", loram_residual_)]:
             dispatch.register(name, backend)(fn)

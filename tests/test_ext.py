@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from loram_fast import _ext
-from loram_fast.ops import dst_basis, dst_basis_batched, loram_residual_, lowrank_update_, weight_moments
+from loram_fast.ops import (dst_basis, dst_basis_batched, loram_residual_, lowrank_update_, scaled_basis,
+                            weight_moments)
 
 from conftest import relative_error
 
@@ -41,6 +42,16 @@ def test_basis(n, r, kind, dtype, backend):
     ref = dst_basis(n, r, kind=kind, dtype=torch.float64, backend="torch")
     assert torch.isfinite(out).all()
     assert _ulp_close(out, ref) if dtype != torch.float64 else (out - ref).abs().max() < 1e-13
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scaled_basis(dtype, backend):
+    _, device = backend
+    scale = torch.rand(4099, generator=torch.Generator().manual_seed(1)) + 0.5
+    out = torch.full((4099, 3), float("nan"), dtype=dtype, device=device)
+    ops.basis_fill_scaled_(out, scale.to(device), _ext.KIND_IDS["dst1"])
+    ref = scaled_basis(4099, 3, scale, dtype=torch.float64, backend="torch")
+    assert torch.isfinite(out).all() and _ulp_close(out.cpu(), ref)
 
 
 def test_basis_batched(backend):
@@ -98,6 +109,7 @@ def test_opcheck_every_op(backend):
     W = torch.randn(9, 7, device=device)
     checks = [
         (ops.basis_fill_.default, (torch.empty(9, 4, device=device), 0)),
+        (ops.basis_fill_scaled_.default, (torch.empty(9, 4, device=device), torch.rand(9, device=device), 1)),
         (ops.basis_fill_batched_.default, (torch.empty(40, device=device), [9, 4], [3, 2], [0, 27], 1)),
         (ops.row_moments.default, (W,)),
         (ops.col_sq.default, (W.T,)),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from loram_fast.ops import (backends, dispatch, dst_basis, dst_basis_batched, lowrank_update_, matmul_f32,
-                            loram_residual_, weight_moments)
+                            loram_residual_, scaled_basis, weight_moments)
 
 from conftest import relative_error
 
@@ -41,6 +41,22 @@ def test_basis_exact_angles_for_large_n(backend):
     i = torch.arange(n, dtype=torch.float64)
     exact = math.sqrt(2 / (n + 1)) * torch.sin(((i + 1) * 4 % (2 * (n + 1))) * math.pi / (n + 1))
     assert (V[:, 3] - exact).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("kind", ["dst1", "dct2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@AUTO_AND_TORCH
+def test_scaled_basis(kind, dtype, backend):
+    """diag(scale) · basis, e.g. scaled by a weight's row norms, rounded once."""
+    W = torch.randn(301, 77)
+    norms = weight_moments(W, rows=True).row_norms()
+    got = scaled_basis(301, 6, norms, kind=kind, dtype=dtype, backend=backend)
+    expect = _np_basis(301, 6, kind) * norms.double().numpy()[:, None]
+    assert got.dtype == dtype
+    eps = 2e-7 if dtype == torch.float32 else torch.finfo(dtype).eps  # one rounding (bf16: within one ulp)
+    assert (np.abs(got.double().numpy() - expect) <= eps * np.abs(expect) + 1e-12).all()
+    with pytest.raises(ValueError, match="shape \\(301,\\)"):
+        scaled_basis(301, 6, norms[:-1], backend=backend)
 
 
 def test_basis_batched_and_errors():

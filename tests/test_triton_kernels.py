@@ -6,6 +6,7 @@ import torch
 pytest.importorskip("triton")  # conftest.py sets TRITON_INTERPRET=1 on machines without CUDA
 
 from loram_fast.ops import (dispatch, dst_basis, dst_basis_batched, loram_residual_, lowrank_update_, matmul_f32,  # noqa: E402
+                            scaled_basis,  # noqa: E402
                             weight_moments)
 
 from conftest import relative_error  # noqa: E402
@@ -30,6 +31,14 @@ def test_basis(n, r, kind):
     got = dst_basis(n, r, kind=kind, device=DEVICE, backend="triton")
     assert torch.isfinite(got).all()  # the wrapper allocates with torch.empty: an unwritten tile would show
     assert (got.cpu() - dst_basis(n, r, kind=kind, backend="torch")).abs().max() < 2e-7
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scaled_basis(dtype):
+    scale = torch.rand(1000, generator=torch.Generator().manual_seed(0)) * 3
+    got = scaled_basis(1000, 7, scale.to(DEVICE), kind="dct2", dtype=dtype, backend="triton")
+    assert got.dtype == dtype and _ulp_close(got.cpu(), scaled_basis(1000, 7, scale, kind="dct2", dtype=torch.float64,
+                                                                      backend="torch"))
 
 
 def test_basis_batched_one_launch_and_dtype():

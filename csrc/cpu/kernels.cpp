@@ -20,7 +20,7 @@ constexpr double kPi = 3.14159265358979323846;
 // amp·cos(π P/H) (DCT-II) of an integer phase P reduced into [0, 2H): the 2H distinct values are tabulated once
 // (double precision, the angle reduced to (-π, π]) and looked up, so only 2H sines are evaluated, not n·r.
 template <typename scalar_t>
-void fill_basis(scalar_t* out, int64_t n, int64_t r, int64_t kind) {
+void fill_basis(scalar_t* out, int64_t n, int64_t r, int64_t kind, const double* scale = nullptr) {
   const int64_t half = kind == 0 ? n + 1 : 2 * n;
   std::vector<double> table(2 * half);
   at::parallel_for(0, 2 * half, 4096, [&](int64_t begin, int64_t end) {
@@ -42,6 +42,7 @@ void fill_basis(scalar_t* out, int64_t n, int64_t r, int64_t kind) {
           v = tab[((2 * i + 1) * k) % (2 * half)];
           if (k == 0) v *= 0.70710678118654752440;
         }
+        if (scale != nullptr) v *= scale[i];
         out[i * r + k] = static_cast<scalar_t>(v);
       }
     }
@@ -53,6 +54,15 @@ void basis_fill_(at::Tensor out, int64_t kind) {
   TORCH_CHECK(out.dim() == 2 && out.is_contiguous(), "loram_fast.basis_fill_: out must be a contiguous 2-D tensor");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "basis_fill_", [&] {
     fill_basis<scalar_t>(out.data_ptr<scalar_t>(), out.size(0), out.size(1), kind);
+  });
+}
+
+void basis_fill_scaled_(at::Tensor out, const at::Tensor& scale, int64_t kind) {
+  check_kind(kind);
+  check_scaled(out, scale);
+  const at::Tensor s = scale.to(at::kDouble).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "basis_fill_scaled_", [&] {
+    fill_basis<scalar_t>(out.data_ptr<scalar_t>(), out.size(0), out.size(1), kind, s.data_ptr<double>());
   });
 }
 

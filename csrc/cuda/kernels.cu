@@ -41,11 +41,15 @@ __device__ __forceinline__ double basis_value(int64_t i, int64_t k, int64_t n, i
   return k == 0 ? v * 0.70710678118654752440 : v;
 }
 
+// scale: null, or one double per row (row i of the basis times scale[i]).
 template <typename scalar_t>
-__global__ void basis_kernel(scalar_t* __restrict__ out, int64_t n, int64_t r, int kind) {
+__global__ void basis_kernel(scalar_t* __restrict__ out, int64_t n, int64_t r, int kind,
+                             const double* __restrict__ scale) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= n * r) return;
-  out[idx] = static_cast<scalar_t>(basis_value(idx / r, idx % r, n, kind));
+  const int64_t i = idx / r;
+  const double v = basis_value(i, idx % r, n, kind);
+  out[idx] = static_cast<scalar_t>(scale == nullptr ? v : v * scale[i]);
 }
 
 // Many bases in one flat buffer, one launch: basis b covers [offsets[b], offsets[b] + ns[b]*rs[b]).
@@ -79,7 +83,21 @@ void basis_fill_(at::Tensor out, int64_t kind) {
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "basis_fill_", [&] {
     basis_kernel<scalar_t><<<blocks_for(out.numel(), 256), 256, 0, stream>>>(
-        out.data_ptr<scalar_t>(), out.size(0), out.size(1), static_cast<int>(kind));
+        out.data_ptr<scalar_t>(), out.size(0), out.size(1), static_cast<int>(kind), nullptr);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void basis_fill_scaled_(at::Tensor out, const at::Tensor& scale, int64_t kind) {
+  check_kind(kind);
+  check_scaled(out, scale);
+  if (out.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(out.device());
+  const at::Tensor s = scale.to(at::kDouble).contiguous();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "basis_fill_scaled_", [&] {
+    basis_kernel<scalar_t><<<blocks_for(out.numel(), 256), 256, 0, stream>>>(
+        out.data_ptr<scalar_t>(), out.size(0), out.size(1), static_cast<int>(kind), s.data_ptr<double>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -44,9 +44,7 @@ def basis_phase(n: int, r: int, kind: str, device=None) -> tuple[torch.Tensor, i
     return ((2 * i + 1) * k) % (2 * half), half, math.sqrt(2.0 / n)
 
 
-def dst_basis_reference(n: int, r: int, kind: str = "dst1", dtype=torch.float32, device=None) -> torch.Tensor:
-    """Plain-torch reference of :func:`dst_basis` (computed in fp64, exact angles)."""
-    _check(n, r, kind)
+def _basis_f64(n: int, r: int, kind: str, device=None) -> torch.Tensor:
     phase, half, amp = basis_phase(n, r, kind, device)
     # map to the symmetric range (-H, H] so the fp64 angle stays small
     phase = torch.where(phase > half, phase - 2 * half, phase).double()
@@ -56,10 +54,22 @@ def dst_basis_reference(n: int, r: int, kind: str = "dst1", dtype=torch.float32,
     else:
         out = amp * torch.cos(ang)
         out[:, 0] *= 1.0 / math.sqrt(2.0)
-    return out.to(dtype)
+    return out
+
+
+def dst_basis_reference(n: int, r: int, kind: str = "dst1", dtype=torch.float32, device=None) -> torch.Tensor:
+    """Plain-torch reference of :func:`dst_basis` (computed in fp64, exact angles)."""
+    _check(n, r, kind)
+    return _basis_f64(n, r, kind, device).to(dtype)
 
 
 dispatch.register("dst_basis", "torch")(dst_basis_reference)
+
+
+@dispatch.register("scaled_basis", "torch")
+def scaled_basis_reference(n: int, r: int, scale: torch.Tensor, kind: str = "dst1", dtype=torch.float32) -> torch.Tensor:
+    """Plain-torch reference of :func:`scaled_basis`: the fp64 basis times ``scale`` per row, rounded once."""
+    return (_basis_f64(n, r, kind, scale.device) * scale.double()[:, None]).to(dtype)
 
 
 @dispatch.register("dst_basis_batched", "torch")
@@ -78,6 +88,21 @@ def dst_basis(n: int, r: int, *, kind: str = "dst1", dtype=torch.float32, device
     device = torch.device(device) if device is not None else torch.device("cpu")
     _, impl = dispatch.resolve("dst_basis", device, backend)
     return impl(n, r, kind, dtype, device)
+
+
+def scaled_basis(n: int, r: int, scale: torch.Tensor, *, kind: str = "dst1", dtype=torch.float32,
+                 backend=None) -> torch.Tensor:
+    """``diag(scale) · dst_basis(n, r)``: the basis with row i scaled by ``scale[i]`` (length n, any float dtype,
+    on the output's device), computed in one pass and rounded once. Scales the bases by a weight's norms, e.g.
+    ``scaled_basis(out, r, weight_moments(W, rows=True).row_norms())`` for the out×r side and ``col_norms()`` for the
+    in×r side.
+    """
+    _check(n, r, kind)
+    if not isinstance(scale, torch.Tensor) or scale.shape != (n,) or not scale.is_floating_point():
+        raise ValueError(f"loram_fast.scaled_basis: scale must be a float tensor of shape ({n},), got "
+                         f"{getattr(scale, 'dtype', type(scale).__name__)} {tuple(getattr(scale, 'shape', ()))}")
+    _, impl = dispatch.resolve("scaled_basis", scale.device, backend)
+    return impl(n, r, scale, kind, dtype)
 
 
 def dst_basis_batched(shapes: Sequence[tuple[int, int]], *, kind: str = "dst1", dtype=torch.float32, device=None,
