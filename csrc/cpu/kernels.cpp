@@ -145,16 +145,22 @@ constexpr int64_t kFlush = 4096;  // float lanes are flushed into double every k
   double sum = 0.0, sq = 0.0;                                            \
   for (int64_t start = 0; start < n; start += kFlush) {                  \
     const int64_t stop = std::min(n, start + kFlush);                    \
-    f32x8 a0 = {}, a1 = {}, q0 = {}, q1 = {};                            \
+    f32x8 a0 = {}, a1 = {}, a2 = {}, a3 = {}, q0 = {}, q1 = {}, q2 = {}, q3 = {}; \
     int64_t j = start;                                                   \
-    for (; j + 16 <= stop; j += 16) {                                    \
-      f32x8 u, v;                                                        \
+    for (; j + 32 <= stop; j += 32) {                                    \
+      f32x8 u, v, y, z;                                                  \
       LOAD8(u, x + j);                                                   \
       LOAD8(v, x + j + 8);                                               \
+      LOAD8(y, x + j + 16);                                              \
+      LOAD8(z, x + j + 24);                                              \
       a0 += u;                                                           \
       a1 += v;                                                           \
+      a2 += y;                                                           \
+      a3 += z;                                                           \
       q0 += u * u;                                                       \
       q1 += v * v;                                                       \
+      q2 += y * y;                                                       \
+      q3 += z * z;                                                       \
     }                                                                    \
     double ts = 0.0, tq = 0.0;                                           \
     for (; j < stop; ++j) {                                              \
@@ -162,7 +168,7 @@ constexpr int64_t kFlush = 4096;  // float lanes are flushed into double every k
       ts += t;                                                           \
       tq += static_cast<double>(t * t);                                  \
     }                                                                    \
-    const f32x8 a = a0 + a1, q = q0 + q1;                                \
+    const f32x8 a = (a0 + a1) + (a2 + a3), q = (q0 + q1) + (q2 + q3);    \
     for (int l = 0; l < 8; ++l) {                                        \
       ts += a[l];                                                        \
       tq += q[l];                                                        \
