@@ -50,9 +50,34 @@ def measure(fn: Callable[[], object], *, device: str = "cpu", warmup: int = 1, r
         _sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    times.sort()
+    return _stats(times)
+
+
+def _stats(times: list[float]) -> dict:
+    times = sorted(times)
     q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
     return {"median_s": statistics.median(times), "p20_s": q[0], "p80_s": q[3]}
+
+
+def measure_interleaved(fns: dict[str, Callable[[], object]], *, device: str = "cpu", warmup: int = 1,
+                        reps: int = 10, setup: Callable[[], object] | None = None) -> dict[str, dict]:
+    """:func:`measure` for several providers of the same op at once: each round calls every provider once, in an
+    order that rotates from round to round, so the slow drifts of a shared machine hit them all alike and their
+    ratios stay meaningful. ``setup()``, untimed, runs before each call."""
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(warmup + reps):
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            if setup is not None:
+                setup()
+            _sync(device)
+            start = time.perf_counter()
+            fns[name]()
+            _sync(device)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: _stats(t) for name, t in times.items()}
 
 
 def _cpu_name() -> str:

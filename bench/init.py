@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine_info, measure, plot, publish  # noqa: E402
+from common import RESULTS, machine_info, measure_interleaved, plot, publish  # noqa: E402
 
 import loram_fast  # noqa: E402
 from loram_fast.baselines import peft_init_model, reference_loram_model  # noqa: E402
@@ -79,8 +79,13 @@ def run(hidden, inter, layers, rank, dtype, device, reps, with_exact, loram_only
     info = machine_info(device)
     rows, baseline = [], {}
     shape = f"L{layers} h{hidden} mlp{inter}"
+    # the providers of one method family are timed interleaved (see measure_interleaved): their ratio is the point
+    timed = {}
+    for family in dict.fromkeys(f for f, _, _ in providers):
+        fns = {name: fn for f, name, fn in providers if f == family}
+        timed.update(measure_interleaved(fns, device=device, warmup=1, reps=reps, setup=fresh))
     for family, name, fn in providers:
-        t = measure(fn, device=device, warmup=1, reps=reps, setup=fresh)
+        t = timed[name]
         row = {"bench": "init", "provider": name, "shape": shape, "rank": rank,
                "dtype": str(dtype).replace("torch.", ""), "device": device, **t, "extra": family, **info}
         if family.startswith("pissa") and with_exact or family == "pissa_niter_4":

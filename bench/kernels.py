@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, measure, publish  # noqa: E402
+from common import machine_info, measure, measure_interleaved, publish  # noqa: E402
 
 from loram_fast.methods.loram import loram_init, loram_reference  # noqa: E402
 from loram_fast.ops import backends, loram_residual_, weight_moments  # noqa: E402
@@ -83,17 +83,19 @@ def main(argv=None):
             common = {"bench": "kernels", "shape": f"{m}x{n}", "dtype": str(dtype).replace("torch.", ""),
                       "device": dev, **info}
             rows.append({**common, "provider": "copy_ (baseline)", **t, "extra": f"{2 * nbytes / t['median_s'] / 1e9:.1f} GB/s"})
-            for b in provs:
-                t = measure(lambda: weight_moments(W, backend=b), device=dev, reps=10)
-                rows.append({**common, "provider": f"weight_moments [{b}]", **t,
-                             "extra": f"{nbytes / t['median_s'] / 1e9:.1f} GB/s"})
-                t = measure(lambda: loram_residual_(W, 1e-3, 16, backend=b), device=dev, reps=10)  # coef 0 lets BLAS skip work
-                rows.append({**common, "provider": f"loram_residual_ [{b}]", **t,
-                             "extra": f"{2 * nbytes / t['median_s'] / 1e9:.1f} GB/s"})
-                t = measure(lambda: _layer_init(W, b), device=dev, reps=5)
-                rows.append({**common, "provider": f"LoRAM layer init [{b}]", **t,
-                             "extra": f"{3 * nbytes / t['median_s'] / 1e9:.1f} GB/s; peak extra "
-                                      f"{peak_extra_mib(b, (m, n), str(dtype).split('.')[-1], dev):.0f} MiB"})
+            # the providers of one op are timed interleaved (see measure_interleaved): their ratios are the point.
+            # (op, provider for a backend, passes over W, reps); the residual's coefficient is nonzero, since with 0
+            # BLAS may skip the product
+            ops_ = [("weight_moments", lambda b: lambda: weight_moments(W, backend=b), 1, 10),
+                    ("loram_residual_", lambda b: lambda: loram_residual_(W, 1e-3, 16, backend=b), 2, 10),
+                    ("LoRAM layer init", lambda b: lambda: _layer_init(W, b), 3, 5)]
+            for op, make, passes, reps in ops_:
+                timed = measure_interleaved({b: make(b) for b in provs}, device=dev, reps=reps)
+                for b, t in timed.items():
+                    extra = f"{passes * nbytes / t['median_s'] / 1e9:.1f} GB/s"
+                    if op == "LoRAM layer init":
+                        extra += f"; peak extra {peak_extra_mib(b, (m, n), str(dtype).split('.')[-1], dev):.0f} MiB"
+                    rows.append({**common, "provider": f"{op} [{b}]", **t, "extra": extra})
             t = measure(lambda: loram_reference(W, 16, 2.0), device=dev, reps=3)
             rows.append({**common, "provider": "LoRAM reference code path", **t,
                          "extra": f"peak extra {peak_extra_mib('reference', (m, n), str(dtype).split('.')[-1], dev):.0f} MiB"})
