@@ -40,17 +40,7 @@ def measure(fn: Callable[[], object], *, device: str = "cpu", warmup: int = 1, r
                 return {"median_s": ms[0] / 1e3, "p20_s": ms[1] / 1e3, "p80_s": ms[2] / 1e3}
         except ImportError:
             pass
-    times = []
-    for i in range(warmup + reps):
-        if setup is not None:
-            setup()
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return _stats(times)
+    return measure_interleaved({"fn": fn}, device=device, warmup=warmup, reps=reps, setup=setup)["fn"]
 
 
 def _stats(times: list[float]) -> dict:
