@@ -62,6 +62,7 @@ setup(
         "numpy",
         "tqdm",
         "safetensors",
+        "ninja",  # JIT build of the C++ extension on first use, when it was not built at install
         "triton; platform_system == 'Linux'",
     ],
     extras_require={"test": ["pytest"], "bench": ["matplotlib"]},

@@ -72,6 +72,10 @@ def _load():
         prebuilt_error = str(exc)
         if not (_CSRC / "ops.cpp").exists():
             return None, f"not built at install ({prebuilt_error}) and no C++ sources for a JIT build"
+        from torch.utils.cpp_extension import is_ninja_available
+
+        if not is_ninja_available():
+            return None, f"not built at install ({prebuilt_error}) and ninja is missing for a JIT build (pip install ninja)"
         if shutil.which(os.environ.get("CXX", "c++")) is None:
             return None, f"not built at install ({prebuilt_error}) and no C++ compiler for a JIT build"
         try:
