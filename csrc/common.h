@@ -11,6 +11,18 @@ inline void check_kind(int64_t kind) {
   TORCH_CHECK(kind == 0 || kind == 1, "loram_fast: basis kind must be 0 (DST-I) or 1 (DCT-II)");
 }
 
+inline void check_basis_out(const at::Tensor& out) {
+  TORCH_CHECK(out.dim() == 2 && out.is_contiguous(), "loram_fast.basis_fill_: out must be a contiguous 2-D tensor");
+}
+
+// Basis b of a batched fill occupies out[offsets[b] : offsets[b] + ns[b]*rs[b]].
+inline void check_batched(const at::Tensor& out, at::IntArrayRef ns, at::IntArrayRef rs, at::IntArrayRef offsets) {
+  TORCH_CHECK(out.dim() == 1 && out.is_contiguous(), "loram_fast.basis_fill_batched_: out must be a flat buffer");
+  TORCH_CHECK(ns.size() == rs.size() && ns.size() == offsets.size(), "loram_fast.basis_fill_batched_: lengths differ");
+  for (size_t b = 0; b < ns.size(); ++b)
+    TORCH_CHECK(offsets[b] + ns[b] * rs[b] <= out.numel(), "loram_fast.basis_fill_batched_: buffer too small");
+}
+
 inline void check_scaled(const at::Tensor& out, const at::Tensor& scale) {
   TORCH_CHECK(out.dim() == 2 && out.is_contiguous(), "loram_fast.basis_fill_scaled_: out must be a contiguous 2-D tensor");
   TORCH_CHECK(scale.dim() == 1 && scale.size(0) == out.size(0) && scale.device() == out.device(),

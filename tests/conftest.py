@@ -76,6 +76,13 @@ def state(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def ulp_close(got, expect, fp32_rtol=1e-6):
+    """Every entry of ``got`` within one ulp of its dtype of ``expect`` (relative), fp32 within ``fp32_rtol``;
+    1e-6 absolute slack for entries near zero."""
+    eps = fp32_rtol if got.dtype == torch.float32 else torch.finfo(got.dtype).eps
+    return bool(((got.float() - expect.float()).abs() <= eps * expect.float().abs() + 1e-6).all())
+
+
 def assert_state_equal(model, saved):
     now = model.state_dict()
     assert now.keys() == saved.keys()

@@ -7,7 +7,7 @@ from loram_fast import _ext
 from loram_fast.ops import (dst_basis, dst_basis_batched, loram_residual_, lowrank_update_, scaled_basis,
                             weight_moments)
 
-from conftest import relative_error
+from conftest import relative_error, ulp_close
 
 _STATUS = _ext.status()
 if _STATUS is not True:
@@ -26,11 +26,6 @@ def backend(request):
     return request.param, ("cuda" if request.param == "cuda" else "cpu")
 
 
-def _ulp_close(got, expect):
-    eps = 1e-6 if got.dtype == torch.float32 else torch.finfo(got.dtype).eps
-    return bool(((got.float() - expect.float()).abs() <= eps * expect.float().abs() + 1e-6).all())
-
-
 @pytest.mark.parametrize("n,r", [(37, 5), (1000, 16), (4099, 3)])
 @pytest.mark.parametrize("kind", ["dst1", "dct2"])
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
@@ -41,7 +36,7 @@ def test_basis(n, r, kind, dtype, backend):
     out = out.cpu()
     ref = dst_basis(n, r, kind=kind, dtype=torch.float64, backend="torch")
     assert torch.isfinite(out).all()
-    assert _ulp_close(out, ref) if dtype != torch.float64 else (out - ref).abs().max() < 1e-13
+    assert ulp_close(out, ref) if dtype != torch.float64 else (out - ref).abs().max() < 1e-13
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -51,7 +46,7 @@ def test_scaled_basis(dtype, backend):
     out = torch.full((4099, 3), float("nan"), dtype=dtype, device=device)
     ops.basis_fill_scaled_(out, scale.to(device), _ext.KIND_IDS["dst1"])
     ref = scaled_basis(4099, 3, scale, dtype=torch.float64, backend="torch")
-    assert torch.isfinite(out).all() and _ulp_close(out.cpu(), ref)
+    assert torch.isfinite(out).all() and ulp_close(out.cpu(), ref)
 
 
 def test_basis_batched(backend):
@@ -91,7 +86,7 @@ def test_lowrank_update(dtype, transposed, shape, backend):
         got = store.T
     else:
         got = lowrank_update_(W0.clone().to(device), B, A, -0.3, backend=name)
-    assert got.dtype == dtype and _ulp_close(got.cpu(), expect)
+    assert got.dtype == dtype and ulp_close(got.cpu(), expect)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -101,7 +96,7 @@ def test_loram_residual(dtype, kind, backend):
     W0 = torch.randn(1000, 37).to(dtype)
     expect = loram_residual_(W0.clone(), 0.7, 16, kind, backend="torch")
     got = loram_residual_(W0.clone().to(device), 0.7, 16, kind, backend=name)
-    assert _ulp_close(got.cpu(), expect)
+    assert ulp_close(got.cpu(), expect)
 
 
 def test_opcheck_every_op(backend):
@@ -174,7 +169,7 @@ def test_row_strided_views(dtype, backend):
     expect = lowrank_update_(view.cpu().contiguous(), B, A, 0.25, backend="torch")
     before = big.clone()
     lowrank_update_(view, B, A, 0.25, backend=name)
-    assert _ulp_close(view.cpu(), expect)
+    assert ulp_close(view.cpu(), expect)
     outside = torch.ones_like(big, dtype=torch.bool)
     outside[3:, 5:1029] = False
     assert torch.equal(big[outside], before[outside])  # nothing written outside the view

@@ -51,7 +51,7 @@ void fill_basis(scalar_t* out, int64_t n, int64_t r, int64_t kind, const double*
 
 void basis_fill_(at::Tensor out, int64_t kind) {
   check_kind(kind);
-  TORCH_CHECK(out.dim() == 2 && out.is_contiguous(), "loram_fast.basis_fill_: out must be a contiguous 2-D tensor");
+  check_basis_out(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "basis_fill_", [&] {
     fill_basis<scalar_t>(out.data_ptr<scalar_t>(), out.size(0), out.size(1), kind);
   });
@@ -69,11 +69,9 @@ void basis_fill_scaled_(at::Tensor out, const at::Tensor& scale, int64_t kind) {
 void basis_fill_batched_(at::Tensor out, at::IntArrayRef ns, at::IntArrayRef rs, at::IntArrayRef offsets,
                          int64_t kind) {
   check_kind(kind);
-  TORCH_CHECK(out.dim() == 1 && out.is_contiguous(), "loram_fast.basis_fill_batched_: out must be a flat buffer");
-  TORCH_CHECK(ns.size() == rs.size() && ns.size() == offsets.size(), "loram_fast.basis_fill_batched_: lengths differ");
+  check_batched(out, ns, rs, offsets);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "basis_fill_batched_", [&] {
     for (size_t b = 0; b < ns.size(); ++b) {
-      TORCH_CHECK(offsets[b] + ns[b] * rs[b] <= out.numel(), "loram_fast.basis_fill_batched_: buffer too small");
       fill_basis<scalar_t>(out.data_ptr<scalar_t>() + offsets[b], ns[b], rs[b], kind);
     }
   });

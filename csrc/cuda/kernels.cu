@@ -77,7 +77,7 @@ inline unsigned blocks_for(int64_t count, int threads) {
 
 void basis_fill_(at::Tensor out, int64_t kind) {
   check_kind(kind);
-  TORCH_CHECK(out.dim() == 2 && out.is_contiguous(), "loram_fast.basis_fill_: out must be a contiguous 2-D tensor");
+  check_basis_out(out);
   if (out.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(out.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -105,14 +105,13 @@ void basis_fill_scaled_(at::Tensor out, const at::Tensor& scale, int64_t kind) {
 void basis_fill_batched_(at::Tensor out, at::IntArrayRef ns, at::IntArrayRef rs, at::IntArrayRef offsets,
                          int64_t kind) {
   check_kind(kind);
-  TORCH_CHECK(out.dim() == 1 && out.is_contiguous(), "loram_fast.basis_fill_batched_: out must be a flat buffer");
-  TORCH_CHECK(ns.size() == rs.size() && ns.size() == offsets.size(), "loram_fast.basis_fill_batched_: lengths differ");
+  check_batched(out, ns, rs, offsets);
   const int64_t count = static_cast<int64_t>(ns.size());
   if (count == 0 || out.numel() == 0) return;
   std::vector<int64_t> meta;
   meta.reserve(3 * count);
   for (int64_t b = 0; b < count; ++b) {
-    TORCH_CHECK(offsets[b] + ns[b] * rs[b] <= out.numel(), "loram_fast.basis_fill_batched_: buffer too small");
+    // the kernel finds each entry's basis by binary search over the offsets
     TORCH_CHECK(b == 0 || offsets[b] >= offsets[b - 1], "loram_fast.basis_fill_batched_: offsets must increase");
     meta.push_back(ns[b]);
   }
