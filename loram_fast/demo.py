@@ -15,6 +15,7 @@ import copy
 import logging
 import sys
 import time
+import warnings
 
 import torch
 
@@ -91,9 +92,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--methods", nargs="*", default=None)
     args = p.parse_args(argv)
-    # say so when the C++ extension is built on first use (about 30 s on 2 cores; cached afterwards)
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    logging.getLogger("loram_fast._ext").setLevel(logging.INFO)
+    # one line per notable event (e.g. the first-use build of the C++ kernels); loram_fast's messages name it
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations between peft and transformers
     dtype = getattr(torch, args.dtype)
     rows = run(args.hidden, args.layers, args.rank, args.alpha, dtype, args.methods)
     device = "CPU" if not torch.cuda.is_available() else torch.cuda.get_device_name()

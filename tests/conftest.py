@@ -14,6 +14,23 @@ import pytest  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
+# Backends this run requires (comma-separated, e.g. LORAM_FAST_REQUIRE=cpu-ext,triton as CI sets it): a missing
+# one fails the run instead of skipping its tests.
+REQUIRED_BACKENDS = {b.strip() for b in os.environ.get("LORAM_FAST_REQUIRE", "").split(",") if b.strip()}
+
+
+def require_backend(name: str) -> None:
+    """At a test module's top: skip the module when backend ``name`` is unavailable here, or fail it when
+    ``LORAM_FAST_REQUIRE`` names the backend (no silent skip of a backend the run depends on)."""
+    from loram_fast.ops import dispatch
+
+    ok = dispatch.backends()[name]
+    if ok is True:
+        return
+    if name in REQUIRED_BACKENDS:
+        pytest.fail(f"backend {name!r} is required (LORAM_FAST_REQUIRE) but unavailable: {ok}", pytrace=False)
+    pytest.skip(f"{name} backend unavailable: {ok}", allow_module_level=True)
+
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
 

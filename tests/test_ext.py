@@ -7,11 +7,9 @@ from loram_fast import _ext
 from loram_fast.ops import (dst_basis, dst_basis_batched, loram_residual_, lowrank_update_, scaled_basis,
                             weight_moments)
 
-from conftest import relative_error, ulp_close
+from conftest import relative_error, require_backend, ulp_close
 
-_STATUS = _ext.status()
-if _STATUS is not True:
-    pytest.skip(f"cpu-ext backend unavailable: {_STATUS}", allow_module_level=True)
+require_backend("cpu-ext")
 
 ops = torch.ops.loram_fast
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -3,16 +3,13 @@ on a CUDA machine the same tests run compiled on the GPU."""
 import pytest
 import torch
 
-pytest.importorskip("triton")  # conftest.py sets TRITON_INTERPRET=1 on machines without CUDA
+from conftest import relative_error, require_backend, ulp_close
+
+require_backend("triton")  # conftest.py sets TRITON_INTERPRET=1 on machines without CUDA
 
 from loram_fast.ops import (dispatch, dst_basis, dst_basis_batched, loram_residual_, lowrank_update_, matmul_f32,  # noqa: E402
                             scaled_basis,  # noqa: E402
                             weight_moments)
-
-from conftest import relative_error, ulp_close  # noqa: E402
-
-if dispatch.backends()["triton"] is not True:
-    pytest.skip(f"triton backend unavailable: {dispatch.backends()['triton']}", allow_module_level=True)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

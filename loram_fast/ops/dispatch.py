@@ -20,6 +20,8 @@ from typing import Callable
 
 import torch
 
+from ..build import one_line
+
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("triton", "cuda", "cpu-ext", "torch")
@@ -46,8 +48,13 @@ def register(op: str, backend: str):
 
 @functools.lru_cache(maxsize=None)
 def _probe(backend: str) -> bool | str:
-    """True when ``backend`` can run here, else a string saying why not. Loading the backend
+    """True when ``backend`` can run here, else one line saying why not. Loading the backend
     registers its implementations."""
+    ok = _probe_uncached(backend)
+    return True if ok is True else one_line(ok)
+
+
+def _probe_uncached(backend: str) -> bool | str:
     if backend == "torch":
         return True
     if backend == "triton":
@@ -71,7 +78,7 @@ def _probe(backend: str) -> bool | str:
 
 
 def backends() -> dict[str, bool | str]:
-    """``{backend: True or a string saying why it is unavailable}``."""
+    """``{backend: True or one line (at most 200 characters) saying why it is unavailable}``."""
     return {b: _probe(b) for b in BACKENDS}
 
 
