@@ -122,13 +122,17 @@ def one_line(text: str, limit: int = 200) -> str:
 
 
 def _first_error(log: str) -> str:
-    """The compiler's first error message (``error: ...`` without the file location), else the first line
-    naming an error, else the last line."""
+    """The most telling error line of a compiler log: the compiler's first ``error: ...`` message (without the
+    file location), else the linker's complaint, else the first line naming an error, else the last line."""
     lines = [line.strip() for line in log.splitlines() if line.strip()]
     for line in lines:
-        if "error:" in line.lower():
-            at = line.lower().index("error:")
+        low = line.lower()
+        if "error:" in low and not low.startswith("collect2"):
+            at = low.index("error:")
             return line[at + len("error:"):].strip() or line
+    for line in lines:
+        if "ld:" in line or "undefined reference" in line:
+            return line
     for line in lines:
         if "error" in line.lower():
             return line
@@ -252,7 +256,9 @@ def build(cuda: bool = False, arch: str | None = None, force: bool = False):
         reason = _failure_reason(_first_error(text), log)
         marker.write_text(reason + "\n")
         logger.warning("loram_fast: %s", reason)
-        raise BuildError(reason) from None
+        error = BuildError(reason)
+        error.logged = True
+        raise error from None
     (folder / "ok").write_text(f"built in {time.perf_counter() - start:.0f} s\n")
     logger.warning("loram_fast: C++ kernels built in %.0f s (cached in %s)", time.perf_counter() - start, folder)
     return module
@@ -270,7 +276,8 @@ def main(argv=None) -> int:
     try:
         module = build(cuda=args.cuda, arch=args.arch, force=args.force)
     except BuildError as exc:
-        sys.stderr.write(f"loram_fast: {exc}\n")
+        if not getattr(exc, "logged", False):
+            sys.stderr.write(f"loram_fast: {exc}\n")
         return 1
     sys.stdout.write(f"loram_fast: C++ extension ready ({build_dir(args.cuda, args.arch)}; "
                      f"CUDA kernels: {'yes' if getattr(module, 'with_cuda', False) else 'no'})\n")

@@ -93,7 +93,7 @@ def test_cli_reports_a_remembered_failure(fake_toolchain, capsys):
     assert build.main([]) == 1 and len(calls) == 1
     assert build.main(["--force"]) == 1 and len(calls) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 3 and all("build failed" in line for line in err)
+    assert len(err) == 1 and "build failed" in err[0]  # the remembered failure; fresh ones are logged once
 
 
 def test_key_follows_torch_sources_and_compiler(tmp_path, monkeypatch):
@@ -112,6 +112,13 @@ def test_key_follows_torch_sources_and_compiler(tmp_path, monkeypatch):
     assert build.build_key() == base
     (csrc / "common.h").write_text((csrc / "common.h").read_text() + "\n// changed\n")
     assert build.build_key() != base
+
+
+def test_first_error_prefers_the_compiler_and_linker_messages():
+    log = ("[4/4] c++ ops.o -shared -lcudart -o x.so\nFAILED: [code=1] x.so\n"
+           "/usr/bin/ld: cannot find -lcudart: No such file or directory\ncollect2: error: ld returned 1 exit status\n")
+    assert build._first_error(log) == "/usr/bin/ld: cannot find -lcudart: No such file or directory"
+    assert build._first_error("a.cu(3): error: identifier x is undefined\n") == "identifier x is undefined"
 
 
 def test_missing_tools_give_a_reason_without_compiling(tmp_path, monkeypatch):
