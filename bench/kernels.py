@@ -22,12 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info, measure, measure_interleaved, publish  # noqa: E402
 
 from loram_fast.methods.loram import loram_init, loram_reference  # noqa: E402
-from loram_fast.ops import backends, loram_residual_, weight_moments  # noqa: E402
+from loram_fast.ops import apply_residual, backends, loram_residual_, weight_moments  # noqa: E402
 
 
 def _layer_init(W, backend):
     init = loram_init(W, 16, 2.0, backend=backend)
-    init.apply_residual(W, backend=backend)
+    apply_residual(W, init.residual, backend=backend)
 
 
 def peak_extra_mib(provider, shape, dtype, device):

@@ -121,7 +121,7 @@ def _register(module) -> None:
                             float(alpha))
         return W
 
-    def loram_residual_(W, coef, r, kind="dst1"):
+    def loram_residual_(W, coef, r, kind="dst1", bases=None):  # the kernel builds its own basis values
         ops.loram_residual_(W, float(coef), int(r), KIND_IDS[kind])
         return W
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -74,17 +75,20 @@ def _estimation_state(model: nn.Module, lora_layers: list, train: bool):
         for layer in lora_layers:
             layer.enable_adapters(False)
         model.train(train)
-        yield
+        with torch.enable_grad():  # a caller's no_grad() must not starve the estimation
+            yield
     finally:
+        # adapters first: peft's enable_adapters(True) re-enables gradients of every active adapter, so the saved
+        # flags (frozen adapters, inference_mode) are put back after it
+        for layer, was_disabled in zip(lora_layers, disabled):
+            layer.enable_adapters(not was_disabled)
         for p, flag, grad in zip(params, flags, grads):
             p.requires_grad_(flag)
             p.grad = grad
-        for layer, was_disabled in zip(lora_layers, disabled):
-            layer.enable_adapters(not was_disabled)
         model.train(mode)
 
 
-def _run(model, dataloader, loss_fn, train_step, max_batches) -> int:
+def _run(model, dataloader, loss_fn, train_step, max_batches, progress=None) -> int:
     if train_step is not None:
         if dataloader is not None or loss_fn is not None:
             raise ValueError("loram_fast: pass either train_step or dataloader (with an optional loss_fn), not both")
@@ -99,12 +103,18 @@ def _run(model, dataloader, loss_fn, train_step, max_batches) -> int:
     for batch in dataloader:
         if max_batches is not None and n >= max_batches:
             break
+        if loss_fn is None and not isinstance(batch, Mapping):
+            raise TypeError(f"loram_fast: batch {n} is a {type(batch).__name__}, but without loss_fn each batch must "
+                            "be a dict of model inputs (e.g. {'input_ids': ids, 'labels': ids}, loss = "
+                            "model(**batch).loss); pass loss_fn=(model, batch) -> loss for other batches")
         batch = _move(batch, device)
         loss = loss_fn(model, batch) if loss_fn is not None else model(**batch).loss
         if loss is None or not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             raise ValueError("loram_fast: the loss must be a scalar tensor (model(**batch).loss or loss_fn's result)")
         loss.backward()
         n += 1
+        if progress is not None:
+            progress.update(1)
     if n == 0:
         raise ValueError("loram_fast: the dataloader yielded no batch")
     return n
@@ -114,19 +124,39 @@ def estimate_gradients(model: nn.Module, weights: list[nn.Parameter], views: lis
                        dataloader: Optional[Iterable] = None, loss_fn: Optional[Callable] = None,
                        train_step: Optional[Callable] = None, mode: str = "full", sketch_rank: int = 64,
                        oversample: int = 8, max_batches: Optional[int] = None, train: bool = True,
-                       seed: int = 0, base_layers: Optional[list] = None):
+                       seed: int = 0, base_layers: Optional[list] = None, names: Optional[list[str]] = None,
+                       progress: bool = False, desc: str = "loram_fast: gradients"):
     """Mean gradient of each weight in ``weights`` (``views[i]``: the weight is stored transposed, in×out);
-    see the module docstring. Returns fp32 out×in tensors (``"full"``) or :class:`SketchedGradient` (``"sketch"``)."""
+    see the module docstring. Returns fp32 out×in tensors (``"full"``) or :class:`SketchedGradient` (``"sketch"``).
+    ``names`` name the modules in errors; ``progress`` shows a tqdm bar over the batches."""
     if mode not in ("full", "sketch"):
         raise ValueError(f"loram_fast: unknown gradient mode {mode!r}; valid: full, sketch")
-    with _estimation_state(model, lora_layers, train):
-        if mode == "full":
-            return _full(model, weights, views, dataloader, loss_fn, train_step, max_batches)
-        return _sketch(model, weights, views, base_layers, dataloader, loss_fn, train_step, max_batches,
-                       sketch_rank + oversample, seed)
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("loram_fast: gradient-based inits need autograd, but torch.inference_mode() is active; "
+                           "call init_model outside it")
+    names = names or [f"weight of shape {tuple(w.shape)}" for w in weights]
+    total = max_batches if train_step is None and max_batches is not None else None
+    if total is None and train_step is None and hasattr(dataloader, "__len__"):
+        total = len(dataloader) if max_batches is None else min(len(dataloader), max_batches)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="batch", disable=not progress, leave=False)
+    try:
+        with _estimation_state(model, lora_layers, train):
+            if mode == "full":
+                return _full(model, weights, views, names, dataloader, loss_fn, train_step, max_batches, bar)
+            return _sketch(model, weights, views, names, base_layers, dataloader, loss_fn, train_step, max_batches,
+                           sketch_rank + oversample, seed, bar)
+    finally:
+        bar.close()
 
 
-def _full(model, weights, views, dataloader, loss_fn, train_step, max_batches):
+def _no_gradient(name: str) -> ValueError:
+    return ValueError(f"loram_fast: no gradient reached the base weight of {name!r}; is the module part of the "
+                      "loss? Leave it out of target_modules (e.g. an unused pooler)")
+
+
+def _full(model, weights, views, names, dataloader, loss_fn, train_step, max_batches, bar):
     accum = [torch.zeros(w.shape, dtype=torch.float32, device=w.device) for w in weights]
     counts = [0] * len(weights)
     handles = []
@@ -140,21 +170,20 @@ def _full(model, weights, views, dataloader, loss_fn, train_step, max_batches):
 
         handles.append(w.register_post_accumulate_grad_hook(hook))
     try:
-        _run(model, dataloader, loss_fn, train_step, max_batches)
+        _run(model, dataloader, loss_fn, train_step, max_batches, bar)
     finally:
         for h in handles:
             h.remove()
     out = []
-    for acc, count, transposed, w in zip(accum, counts, views, weights):
+    for acc, count, transposed, name in zip(accum, counts, views, names):
         if count == 0:
-            raise ValueError(f"loram_fast: no gradient reached a target weight of shape {tuple(w.shape)}; is the "
-                             "layer part of the loss?")
+            raise _no_gradient(name)
         acc.div_(count)
         out.append(acc.T if transposed else acc)
     return out
 
 
-def _sketch(model, weights, views, base_layers, dataloader, loss_fn, train_step, max_batches, k, seed):
+def _sketch(model, weights, views, names, base_layers, dataloader, loss_fn, train_step, max_batches, k, seed, bar):
     from .ops.rsvd import cholesky_qr
 
     states = []
@@ -195,15 +224,14 @@ def _sketch(model, weights, views, base_layers, dataloader, loss_fn, train_step,
         handles.append(layer.register_forward_pre_hook(pre_hook))
         handles.append(layer.register_forward_hook(fwd_hook))
     try:
-        batches = _run(model, dataloader, loss_fn, train_step, max_batches)
+        batches = _run(model, dataloader, loss_fn, train_step, max_batches, bar)
     finally:
         for h in handles:
             h.remove()
     out = []
-    for st, w in zip(states, weights):
+    for st, name in zip(states, names):
         if st["count"] == 0:
-            raise ValueError(f"loram_fast: no gradient reached a target weight of shape {tuple(w.shape)}; is the "
-                             "layer part of the loss?")
+            raise _no_gradient(name)
         denom = batches if train_step is None else st["count"]
         Y, Z = st["Y"] / denom, st["Z"] / denom
         Q = cholesky_qr(Y)

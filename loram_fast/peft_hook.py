@@ -2,8 +2,9 @@
 
 peft's ``LoraLayer.update_layer`` handles its own init strings ("pissa", "olora", "loftq", ...) and hands
 any other truthy value to ``LoraLayer.reset_lora_parameters``, which raises "Unknown initialization" for
-strings it does not know. We wrap that one method: a string registered in ``loram_fast`` goes to
-``loram_fast.api.init_layer``; everything else goes to peft's original, untouched. Installing twice is a
+strings it does not know. We wrap that one method: a string registered in ``loram_fast`` (a name, or the
+``loram_fast:<name>[...]`` form that ``init_model`` records) goes to :func:`init_layer`; everything else goes to
+peft's original, untouched. Installing twice is a
 no-op. This also makes ``PeftModel.from_pretrained`` of an adapter whose config says ``"loram"`` re-create
 the residual on the original base (peft runs the init, then loads the trained A and B over it).
 """
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import functools
 import logging
+
+from .registry import get_method, parse_init_string
 
 logger = logging.getLogger(__name__)
 
@@ -39,26 +42,27 @@ def install(take_over_peft_inits: bool = False) -> None:
 
     @functools.wraps(original)
     def reset_lora_parameters(self, adapter_name, init_lora_weights, *args, **kwargs):
-        from .registry import get_method, is_registered
-
-        if is_registered(init_lora_weights):
-            from .api import init_layer
-
-            if get_method(init_lora_weights).needs_data:
-                # no data here (e.g. PeftModel.from_pretrained, whose saved weights overwrite the init anyway):
-                # peft's default init, as peft does for its own "lora_ga"
-                logger.warning("loram_fast: %r needs data; LoraConfig gives none, so the layer gets peft's default "
-                               "init. Use loram_fast.init_model(model, %r, dataloader=...) to initialise it.",
-                               init_lora_weights, init_lora_weights)
-                return original(self, adapter_name, True, *args, **kwargs)
-
-            weight = self.get_base_layer().weight
-            if weight.device.type == "meta":
-                # low_cpu_mem_usage: peft creates the layers without weights; nothing to initialise from
-                logger.debug("loram_fast: skipping %s init of a layer on the meta device", init_lora_weights)
-                return None
-            return init_layer(self, adapter_name, init_lora_weights)
-        return original(self, adapter_name, init_lora_weights, *args, **kwargs)
+        parsed = parse_init_string(init_lora_weights)
+        if parsed is None:
+            return original(self, adapter_name, init_lora_weights, *args, **kwargs)
+        name, options, recorded = parsed
+        spec = get_method(name)
+        if spec.needs_data:
+            if spec.writes_residual(options) or name == "lora_ga":
+                raise ValueError(f"loram_fast: adapter {adapter_name!r} was initialised by {name!r}, whose residual in "
+                                 "the base weight came from training data and cannot be rebuilt here. Save it as a "
+                                 "plain LoRA instead (save_pretrained(..., path_initial_model_for_weight_conversion="
+                                 "...), see README 'Save, reload, convert'), or save the base model with its residual")
+            if not recorded:
+                # no data in a LoraConfig: peft's default init, as peft does for its own "lora_ga" without data
+                _warn_once(name, adapter_name)
+            # a recorded lora_one adapter (W untouched) needs only its modules: the saved A and B are loaded next
+            return original(self, adapter_name, True, *args, **kwargs)
+        if self.get_base_layer().weight.device.type == "meta":
+            # low_cpu_mem_usage: peft creates the layers without weights; nothing to initialise from
+            logger.debug("loram_fast: skipping %s init of a layer on the meta device", name)
+            return None
+        return init_layer(self, adapter_name, name, **options)
 
     setattr(reset_lora_parameters, _MARK, True)
     reset_lora_parameters.__wrapped_original__ = original
@@ -66,9 +70,41 @@ def install(take_over_peft_inits: bool = False) -> None:
     logger.debug("loram_fast: peft hook installed")
 
 
-def _take_over(LoraLayer) -> None:
-    from .api import init_layer
+_WARNED: set = set()
 
+
+def _warn_once(name: str, adapter_name: str) -> None:
+    """One warning per method and adapter, not one per layer."""
+    if (name, adapter_name) in _WARNED:
+        return
+    _WARNED.add((name, adapter_name))
+    logger.warning("loram_fast: %r needs data; LoraConfig gives none, so adapter %r gets peft's default init. Use "
+                   "loram_fast.init_model(model, %r, dataloader=...) to initialise it.", name, adapter_name, name)
+
+
+def init_layer(layer, adapter_name: str, method: str, **options) -> None:
+    """Initialise one peft LoRA layer in place (what the hook calls from peft's ``update_layer``): validated,
+    computed and written in one transaction, like ``init_model`` for a single layer."""
+    from . import options as opt
+    from .compute import compute_and_write
+    from .targets import make_target, validate
+    from .transaction import Transaction
+
+    spec = get_method(method)
+    rounded = bool(options.pop("rounded_residual", False))
+    options = opt.validate(options, spec.options, f"method {spec.name!r}")
+    target = make_target(layer, adapter_name)
+    validate(spec, target, adapter_name, options, in_init_model=False)
+    others = [a for a in layer.r if a != adapter_name]
+    if others and spec.writes_residual(options):
+        raise ValueError(f"loram_fast: method {spec.name!r} writes a residual into the base weight of "
+                         f"{target.describe()}, which adapter(s) {', '.join(map(repr, others))} also use: their "
+                         "output would change. Use a separate copy of the base model, or "
+                         "init_model(..., allow_shared_base=True) to accept it")
+    compute_and_write(spec, [target], options, Transaction(adapter_name, rounded_residual=rounded), progress=False)
+
+
+def _take_over(LoraLayer) -> None:
     def route(attr: str, method_of):
         original = getattr(LoraLayer, attr)
         if getattr(original, _MARK, False):
@@ -99,16 +135,3 @@ def uninstall() -> None:
         fn = getattr(LoraLayer, attr)
         if getattr(fn, _MARK, False):
             setattr(LoraLayer, attr, fn.__wrapped_original__)
-
-
-def ensure_adapter_modules(layer, adapter_name: str, extra: dict) -> None:
-    """Make sure ``layer`` holds the extra adapter modules named in ``extra`` (e.g. ``lora_N``) for
-    ``adapter_name``. Three-matrix methods provide the modules through their peft LoRA variant."""
-    if "lora_N" in extra:
-        from .peft_variant import ensure_middle
-
-        ensure_middle(layer, adapter_name)
-    missing = [name for name in extra if adapter_name not in getattr(layer, name, {})]
-    if missing:
-        raise NotImplementedError(f"loram_fast: the LoRA layer has no {', '.join(missing)} for adapter "
-                                  f"{adapter_name!r}; create the adapter with the method's init_lora_weights")

@@ -1,12 +1,12 @@
 """The r×r middle matrix of the three-matrix methods (NLoRA / SLoRA / IntTune) on stock peft LoRA layers.
 
 peft's LoRA-variant seam (``LoraLayer.lora_variant[adapter]``, consulted by ``Linear.forward``, ``merge`` and
-``unmerge``) carries it: :func:`ensure_middle` adds an ``nn.ModuleDict`` ``lora_N`` holding an
+``unmerge``) carries it: :func:`add_middle` adds an ``nn.ModuleDict`` ``lora_N`` holding an
 ``nn.Linear(r, r, bias=False)`` per adapter, lists ``lora_N`` in the layer's ``adapter_layer_names`` (so peft
 saves it — its key contains ``lora_`` — moves it, deletes it and sets its ``requires_grad`` with the adapter)
 and installs :class:`MiddleMatrixVariant`, whose forward is ``result + s·B(N(A(dropout x)))`` and whose merge
 adds ``s·B N A``. Weights that must not train (IntTune's A and B) are declared with peft's own
-``_register_frozen_peft_weight``, which peft re-applies after every ``set_adapter``.
+``frozen_peft_weight_names`` registry, which peft re-applies after every ``set_adapter``.
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ class MiddleMatrixVariant(LoraVariant):
         return result + lora_B(lora_N(lora_A(dropout(x)))) * module.scaling[active_adapter]
 
 
-def ensure_middle(layer, adapter_name: str) -> None:
+def add_middle(layer, adapter_name: str) -> None:
     """Give ``layer`` an r×r ``lora_N[adapter_name]`` and the middle-matrix variant (idempotent)."""
     if not isinstance(layer.lora_A[adapter_name], nn.Linear):
         raise NotImplementedError(f"loram_fast: the three-matrix methods support LoRA on linear layers; got "
@@ -72,13 +72,23 @@ def ensure_middle(layer, adapter_name: str) -> None:
     layer.lora_variant[adapter_name] = MiddleMatrixVariant()
 
 
-def freeze(layer, adapter_name: str, names) -> None:
-    """Keep ``names`` (e.g. lora_A, lora_B) of this adapter frozen, also across peft's ``set_adapter``."""
-    try:
-        from peft.tuners.lora.variants import _register_frozen_peft_weight
-    except ImportError:  # older peft: freeze now; set_adapter may unfreeze them again
-        _register_frozen_peft_weight = None
+def remove_middle(layer, adapter_name: str) -> None:
+    """Drop ``lora_N[adapter_name]`` and the middle-matrix variant (a re-init with a two-matrix method)."""
+    if adapter_name in getattr(layer, "lora_N", {}):
+        del layer.lora_N[adapter_name]
+    if isinstance(layer.lora_variant.get(adapter_name), MiddleMatrixVariant):
+        del layer.lora_variant[adapter_name]
+
+
+def set_frozen(layer, adapter_name: str, names) -> None:
+    """Exactly ``names`` (e.g. lora_A, lora_B) of this adapter stay frozen, also across peft's ``set_adapter``
+    (peft's own frozen-weight registry, where this peft has one)."""
+    registry = dict(getattr(layer, "frozen_peft_weight_names", None) or {})
+    if registry.get(adapter_name, ()) != tuple(names):
+        if names:
+            registry[adapter_name] = tuple(names)
+        else:
+            registry.pop(adapter_name, None)
+        layer.frozen_peft_weight_names = registry  # peft copies on write too: never mutate the shared default
     for name in names:
-        if _register_frozen_peft_weight is not None:
-            _register_frozen_peft_weight(layer, adapter_name, name)
         getattr(layer, name)[adapter_name].weight.requires_grad_(False)

@@ -1,9 +1,14 @@
 """The one place that maps method names to their math.
 
 A :class:`Method` says what ``init_model`` and the peft hook need to know: the per-layer init function,
-whether it writes a residual into the base weight, which keyword options it accepts, a cheap shape
-check run before anything is written, and which layer kinds it supports. A new method is one file in
-``methods/`` plus one ``register(Method(...))`` call here.
+whether it writes a residual into the base weight, which keyword options it accepts (each with its validator),
+a cheap shape check run before anything is written, and which layer kinds it supports. A new method is one file
+in ``methods/`` plus one ``register(Method(...))`` call here.
+
+Init strings: ``LoraConfig(init_lora_weights=...)`` takes a registered name (``"loram"``), or the form that
+``init_model`` records in the adapter's peft config so that a reload rebuilds the same model:
+``"loram_fast:<name>"`` or ``"loram_fast:<name>[key=value,...]"`` (options that change the result). The prefix
+keeps peft from taking names it also knows (``"pissa_niter_4"``, ``"olora"``, ``"lora_ga"``) for its own.
 """
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from . import options as _opt
 from .methods import gradient as _gradient
 from .methods import loram as _loram
 from .methods import nlora as _nlora
@@ -23,13 +29,18 @@ class Method:
     init: Callable  # (W out×in, r, scaling, *, backend, bases, **options) -> LayerInit
     residual: bool  # writes W − s·B·A into the base weight
     description: str
-    options: frozenset = field(default_factory=frozenset)  # accepted keyword options
+    options: dict = field(default_factory=dict)  # accepted keyword options: name -> validator (loram_fast.options)
     check: Optional[Callable] = None  # (shape (out, in), r, **options) -> problem string or None
     layer_kinds: tuple = ("linear",)  # peft layer kinds supported: "linear", "embedding", "conv"
     needs_data: bool = False
     reference: str = ""  # where the published math comes from
     # optional batched form: (list of same-shaped W, r, list of scalings, **same kwargs) -> list of LayerInit
     init_batch: Optional[Callable] = None
+    middle: bool = False  # adds an r×r matrix N between A and B (three-matrix methods)
+
+    def writes_residual(self, options: dict) -> bool:
+        """Whether the init changes the base weight (``residual=True`` turns it on for the three-matrix methods)."""
+        return self.residual or bool(options.get("residual", False))
 
 
 _METHODS: dict[str, Method] = {}
@@ -56,7 +67,56 @@ def available_methods() -> list[str]:
     return sorted(list(_METHODS) + [display for _, display, _ in _PATTERNS])
 
 
-def _lookup(name) -> Optional[Method]:
+PREFIX = "loram_fast:"
+
+
+def parse_init_string(text) -> Optional[tuple[str, dict, bool]]:
+    """``(method name, options, recorded)`` for an init string (see module docstring), or None when ``text`` is not
+    one of ours. ``recorded``: it has the ``loram_fast:`` prefix (written by ``init_model``)."""
+    if not isinstance(text, str):
+        return None
+    recorded = text.startswith(PREFIX)
+    body = text[len(PREFIX):] if recorded else text
+    options: dict = {}
+    if body.endswith("]") and "[" in body:
+        body, _, args = body[:-1].partition("[")
+        for item in filter(None, args.split(",")):
+            key, sep, value = item.partition("=")
+            if not sep:
+                return None
+            options[key.strip()] = _parse_value(value.strip())
+    if _method_for(body) is None:
+        return None
+    return body, options, recorded
+
+
+def format_init_string(name: str, options: dict) -> str:
+    """The recorded form of ``name`` with ``options`` (sorted; bool, int, float and plain-string values)."""
+    if not options:
+        return PREFIX + name
+    items = []
+    for key in sorted(options):
+        value = options[key]
+        text = ("true" if value else "false") if isinstance(value, bool) else repr(value) if isinstance(
+            value, float) else str(value)
+        if any(c in text for c in ",=[]") or isinstance(value, str) and text in ("true", "false"):
+            raise ValueError(f"loram_fast: option {key}={value!r} cannot be recorded in an init string")
+        items.append(f"{key}={text}")
+    return f"{PREFIX}{name}[{','.join(items)}]"
+
+
+def _parse_value(text: str):
+    if text in ("true", "false"):
+        return text == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _method_for(name) -> Optional[Method]:
     if not isinstance(name, str):
         return None
     if name in _METHODS:
@@ -68,12 +128,18 @@ def _lookup(name) -> Optional[Method]:
     return None
 
 
+def _lookup(name) -> Optional[Method]:
+    parsed = parse_init_string(name)
+    return None if parsed is None else _method_for(parsed[0])
+
+
 def is_registered(name) -> bool:
     return _lookup(name) is not None
 
 
 def get_method(name) -> Method:
-    """The :class:`Method` for ``name``; ``ValueError`` naming it and the valid names otherwise."""
+    """The :class:`Method` for ``name`` (a name or an init string); ``ValueError`` naming it and the valid names
+    otherwise."""
     method = _lookup(name)
     if method is None:
         raise ValueError(f"loram_fast: unknown init method {name!r}; available methods: {', '.join(available_methods())}")
@@ -82,11 +148,11 @@ def get_method(name) -> Method:
 
 def _loram_method(name: str, kind: str, description: str) -> Method:
     def init(W, r, scaling, *, backend=None, bases=None, allow_zero_adapter=False):
-        return _loram.loram_init(W, r, scaling, kind=kind, allow_zero_adapter=allow_zero_adapter, bases=bases,
-                                 backend=backend)
+        return _loram.loram_factors(W, r, scaling, kind=kind, allow_zero_adapter=allow_zero_adapter, bases=bases,
+                                    backend=backend)
 
     return Method(name=name, init=init, residual=True, description=description,
-                  options=frozenset({"allow_zero_adapter"}), check=_loram.check_loram,
+                  options={"allow_zero_adapter": _opt.boolean()}, check=_loram.check_loram,
                   reference="zhangzc21/LoRAM layer.py (loram_init, fast_dst_matrix); arXiv 2507.06558")
 
 
@@ -101,7 +167,7 @@ def _svd_method(name: str, which: str, niter: Optional[int], description: str, r
     def init(W, r, scaling, *, backend=None, bases=None, **options):
         return init_batch([W], r, [scaling], backend=backend, **options)[0]
 
-    options = frozenset({"oversample"}) if niter is not None else frozenset()
+    options = {"oversample": _opt.integer(0)} if niter is not None else {}
     return Method(name=name, init=init, init_batch=init_batch, residual=True, description=description,
                   options=options, check=_svd.check_rank, reference=reference)
 
@@ -129,6 +195,12 @@ register_pattern(r"pissa_niter_(\d+)", "pissa_niter_<N>", lambda m: _svd_method(
     "PiSSA on loram_fast.randomized_svd with N power iterations and oversampling", "peft LoraLayer.pissa_init"))
 
 
+def _lora_ga_config(name, value):
+    if value is not None and not all(hasattr(value, key) for key in ("direction", "scale", "stable_gamma")):
+        raise TypeError(f"loram_fast: option {name}={value!r}: expected peft's LoraGAConfig")
+    return value
+
+
 def _lora_ga_options(lora_ga_config=None, **options):
     """Accept peft's ``LoraGAConfig`` as well as the keyword options."""
     if lora_ga_config is not None:
@@ -143,7 +215,9 @@ register(Method(
                                                                                            **o),
     residual=False, needs_data=True,
     description="LoRA-One: SVD of the negative one-step full gradient, sqrt(S)/sqrt(sigma1*gamma) split; W untouched",
-    options=frozenset({"scale", "gamma", "solver", "niter"}), check=_gradient.check_rank,
+    options={"scale": _opt.choice(*_gradient.LORA_ONE_SCALES), "gamma": _opt.positive_real(),
+             "solver": _opt.choice(*_gradient.SOLVERS), "niter": _opt.integer(0)},
+    check=_gradient.check_rank,
     reference="YuanheZ/LoRA-One run_exp.py (direction LoRA-One); arXiv 2502.01235"))
 register(Method(
     name="lora_ga",
@@ -151,7 +225,9 @@ register(Method(
         W, r, scaling, backend=backend, **_lora_ga_options(**o)),
     residual=True, needs_data=True,
     description="LoRA-GA (peft's): top-2r gradient SVD split between A and B, scaled; residual in W",
-    options=frozenset({"direction", "scale", "stable_gamma", "solver", "lora_ga_config"}),
+    options={"direction": _opt.choice(*_gradient.LORA_GA_DIRECTIONS), "scale": _opt.choice(*_gradient.LORA_GA_SCALES),
+             "stable_gamma": _opt.positive_real(), "solver": _opt.choice(*_gradient.SOLVERS),
+             "lora_ga_config": _lora_ga_config},
     check=lambda shape, r, **o: _gradient.check_lora_ga_rank(shape, r),
     reference="peft LoraLayer.lora_ga_init + loraga.py; arXiv 2407.05000"))
 
@@ -160,7 +236,8 @@ _NLORA_REF = "TracyGuo2001/NLoRA peft fork (nlora_init, slora_init, inttune.py);
 
 
 def _nlora_method(name: str, frozen: tuple, description: str) -> Method:
-    return Method(name=name, residual=False, description=description, options=frozenset({"nystrom", "residual"}),
+    return Method(name=name, residual=False, description=description, middle=True,
+                  options={"nystrom": _opt.choice(*_nlora.NYSTROM), "residual": _opt.boolean()},
                   check=_nlora.check_rank, reference=_NLORA_REF,
                   init=lambda W, r, scaling, *, backend=None, bases=None, **o: _nlora.nlora_init(W, r, scaling,
                                                                                                  frozen=frozen, **o))
@@ -168,6 +245,6 @@ def _nlora_method(name: str, frozen: tuple, description: str) -> Method:
 
 register(_nlora_method("nlora", (), "NLoRA: A = W[:r,:], B = W[:,:r], r×r N = W[:r,:r] between them; W untouched"))
 register(_nlora_method("inttune", ("lora_A", "lora_B"), "IntTune: the NLoRA init with only the r×r N trainable"))
-register(Method(name="slora", residual=False, check=_nlora.check_rank, reference=_NLORA_REF,
+register(Method(name="slora", residual=False, middle=True, check=_nlora.check_rank, reference=_NLORA_REF,
                 description="SLoRA: Kaiming A and r×r N, zero B; W untouched",
                 init=lambda W, r, scaling, *, backend=None, bases=None: _nlora.slora_init(W, r, scaling)))

@@ -74,7 +74,8 @@ def lowrank_update_triton_(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, al
 
 
 @dispatch.register("loram_residual_", "triton")
-def loram_residual_triton_(W: torch.Tensor, coef: float, r: int, kind: str = "dst1") -> torch.Tensor:
+def loram_residual_triton_(W: torch.Tensor, coef: float, r: int, kind: str = "dst1", bases=None) -> torch.Tensor:
+    """``bases`` is ignored: the kernel generates the basis tiles itself."""
     m, n = W.shape
     grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N))
     _loram_residual_kernel[grid](W, m, n, r, float(coef), W.stride(0), W.stride(1), KIND=KIND_IDS[kind],

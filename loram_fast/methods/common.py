@@ -1,52 +1,46 @@
-"""What a method returns for one layer, and the residual write it implies (no peft here)."""
+"""What a method returns for one layer: data, no closures, no peft.
+
+A method computes, read-only, a :class:`LayerInit` per layer. The writer (``loram_fast/transaction.py``) stores the
+adapters and applies the residual it describes; nothing else writes into a model.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
-from ..ops.residual import lowrank_update_
+from ..ops.residual import BasisResidual, LowRankResidual, Residual  # noqa: F401  (re-exported for methods)
 
 
 @dataclass
 class LayerInit:
-    """Adapters for one layer with weight W (out×in): ``A`` r×in and ``B`` out×r in fp32.
-
-    ``residual=True`` means the base weight becomes ``W − scaling · B @ A``. ``fused(W, sign)``, when set,
-    performs ``W += sign · scaling · B @ A`` in place without reading B and A (e.g. LoRAM's basis kernel).
-    ``extra`` holds further adapter matrices by module name (e.g. ``{"lora_N": N}`` r×r for the three-matrix
-    methods); ``frozen`` names the adapter modules that must not train (e.g. IntTune freezes A and B).
-    """
+    """Adapters for one layer with weight W (out×in), fp32: ``A`` r×in, ``B`` out×r, optionally an r×r ``middle``
+    (three-matrix methods: forward ``W x + s·B N A x``). ``residual``: what to subtract from W so that the output is
+    unchanged at step 0 (None: W untouched). ``frozen``: adapter modules that must not train (e.g. IntTune's
+    ``("lora_A", "lora_B")``)."""
 
     A: torch.Tensor
     B: torch.Tensor
     scaling: float
-    residual: bool = True
-    fused: Optional[Callable[[torch.Tensor, float], None]] = None
-    extra: dict = field(default_factory=dict)
+    middle: Optional[torch.Tensor] = None
+    residual: Optional[Residual] = None
     frozen: tuple = ()
 
-    def apply_residual(self, W: torch.Tensor, sign: float = -1.0, *, rounded_dtype=None, backend=None) -> None:
-        """``W ← W + sign · scaling · B @ A`` in place (sign −1 writes the residual, +1 undoes it).
-
-        ``rounded_dtype``: compute the product from A and B rounded to that dtype (LoRA-GA's convention,
-        so that ``W_res + s·B·A`` is consistent with the stored adapters); default: unrounded fp32 factors,
-        as the references do."""
-        if not self.residual:
-            return
-        if rounded_dtype is None and self.fused is not None:
-            self.fused(W, sign)
-            return
-        A, B, N = self.A, self.B, self.extra.get("lora_N")
-        if rounded_dtype is not None:
-            A, B = A.to(rounded_dtype).float(), B.to(rounded_dtype).float()
-            N = None if N is None else N.to(rounded_dtype).float()
-        if N is not None:  # three-matrix methods: the product is B N A
-            B = B @ N
-        lowrank_update_(W, B, A, sign * self.scaling, backend=backend)
+    def adapters(self) -> dict:
+        """``{peft module name: matrix}`` to store."""
+        mats = {"lora_A": self.A, "lora_B": self.B}
+        if self.middle is not None:
+            mats["lora_N"] = self.middle
+        return mats
 
 
-def check_finite_moments(total: torch.Tensor, total_sq: torch.Tensor) -> bool:
-    """True when a weight whose fp64 sum and sum of squares are these holds only finite values."""
-    return bool(torch.isfinite(total)) and bool(torch.isfinite(total_sq))
+def product_residual(scaling: float, B: torch.Tensor, A: torch.Tensor, middle: Optional[torch.Tensor] = None,
+                     rounded_to: Optional[torch.dtype] = None) -> LowRankResidual:
+    """The residual ``s·B (N) A`` of given factors; ``rounded_to``: from the factors rounded to that dtype
+    (LoRA-GA's convention: consistent with the adapters as stored)."""
+    if rounded_to is not None:
+        A, B = A.to(rounded_to).float(), B.to(rounded_to).float()
+        middle = None if middle is None else middle.to(rounded_to).float()
+    left = B if middle is None else B @ middle
+    return LowRankResidual(scaling, left, A)

@@ -21,9 +21,12 @@ from __future__ import annotations
 import torch
 
 from ..ops.rsvd import randomized_svd
-from .common import LayerInit
+from .common import LayerInit, product_residual
 
 SOLVERS = ("exact", "rsvd", "svd_lowrank")
+LORA_ONE_SCALES = ("stable", "gd", "unit", "weightS")
+LORA_GA_DIRECTIONS = ("ArB2r", "ArBr", "A2rBr", "random")
+LORA_GA_SCALES = ("stable", "weight_svd", "gd_scale", "unit")
 
 
 def top_svd(M: torch.Tensor, k: int, *, solver: str, niter: int = 4, q: int | None = None, backend=None):
@@ -72,7 +75,7 @@ def check_lora_ga_rank(shape, r, direction="ArB2r", **_):
 def lora_one_init(W: torch.Tensor, r: int, scaling: float, *, grad: torch.Tensor, scale: str = "stable",
                   gamma: float = 128.0, solver: str = "exact", niter: int = 16, backend=None) -> LayerInit:
     """LoRA-One adapters from the gradient G (out×in) of weight W (out×in); no residual."""
-    if scale not in ("stable", "gd", "unit", "weightS"):
+    if scale not in LORA_ONE_SCALES:
         raise ValueError(f"loram_fast.lora_one: unknown scale {scale!r}; valid: stable, gd, unit, weightS")
     U, S, Vh = top_svd(negated(grad), r, solver=solver, niter=niter, q=512, backend=backend)
     if float(S[0]) <= 0.0:
@@ -89,16 +92,16 @@ def lora_one_init(W: torch.Tensor, r: int, scaling: float, *, grad: torch.Tensor
         _, S_w, _ = top_svd(W.float(), r, solver="exact" if solver == "exact" else "rsvd", niter=4, backend=backend)
         avg = (S_w[:r] / scaling).sqrt().mean()
         A, B = A * avg, B * avg
-    return LayerInit(A=A.contiguous(), B=B.contiguous(), scaling=scaling, residual=False)
+    return LayerInit(A=A.contiguous(), B=B.contiguous(), scaling=scaling)
 
 
 def lora_ga_init(W: torch.Tensor, r: int, scaling: float, *, grad: torch.Tensor, direction: str = "ArB2r",
                  scale: str = "stable", stable_gamma: float = 16, solver: str = "svd_lowrank", backend=None,
                  generator: torch.Generator | None = None) -> LayerInit:
     """peft's LoRA-GA adapters from the gradient G (out×in) of W (out×in); residual from dtype-rounded A, B."""
-    if direction not in ("ArBr", "A2rBr", "ArB2r", "random"):
+    if direction not in LORA_GA_DIRECTIONS:
         raise ValueError(f"loram_fast.lora_ga: unknown direction {direction!r}; valid: ArBr, A2rBr, ArB2r, random")
-    if scale not in ("stable", "weight_svd", "gd_scale", "unit"):
+    if scale not in LORA_GA_SCALES:
         raise ValueError(f"loram_fast.lora_ga: unknown scale {scale!r}; valid: stable, weight_svd, gd_scale, unit")
     U, S, Vh = top_svd(grad, 2 * r, solver=solver, niter=4, q=min(4 * r, min(grad.shape)), backend=backend)
     if direction == "ArBr":
@@ -123,4 +126,4 @@ def lora_ga_init(W: torch.Tensor, r: int, scaling: float, *, grad: torch.Tensor,
     # peft rounds A and B to the weight's dtype before computing the offset
     A = A.to(W.dtype).float().contiguous()
     B = B.to(W.dtype).float().contiguous()
-    return LayerInit(A=A, B=B, scaling=scaling, residual=True)
+    return LayerInit(A=A, B=B, scaling=scaling, residual=product_residual(scaling, B, A))

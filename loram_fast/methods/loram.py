@@ -22,8 +22,7 @@ import torch
 
 from ..ops.bases import dst_basis
 from ..ops.moments import weight_moments
-from ..ops.residual import loram_residual_
-from .common import LayerInit
+from .common import BasisResidual, LayerInit
 
 
 def loram_beta(var_w: float, basis_sum: float, m: int, n: int, r: int) -> float:
@@ -53,12 +52,20 @@ def loram_init(W: torch.Tensor, r: int, scaling: float, *, kind: str = "dst1", a
                bases: dict | None = None, backend=None) -> LayerInit:
     """LoRAM adapters for one weight W (out×in, any float dtype; read, never copied to fp32).
 
-    Returns A (r×in) and B (out×r) in fp32 and a fused residual ``W −= s·β²·V Uᵀ``. ``bases`` is an
-    optional cache ``{(n, r, kind): basis}`` shared across layers of one call."""
-    m, n = W.shape
-    problem = check_loram((m, n), r, allow_zero_adapter=allow_zero_adapter)
+    Returns A (r×in) and B (out×r) in fp32 and the residual ``W −= s·β²·V Uᵀ`` as a :class:`BasisResidual`.
+    ``bases`` is an optional cache ``{(n, r, kind, device): basis}`` shared across layers of one call."""
+    problem = check_loram(tuple(W.shape), r, allow_zero_adapter=allow_zero_adapter)
     if problem:
         raise ValueError(f"loram_fast.loram: {problem}")
+    return loram_factors(W, r, scaling, kind=kind, allow_zero_adapter=allow_zero_adapter, bases=bases,
+                         backend=backend)
+
+
+def loram_factors(W: torch.Tensor, r: int, scaling: float, *, kind: str = "dst1", allow_zero_adapter: bool = False,
+                  bases: dict | None = None, backend=None) -> LayerInit:
+    """:func:`loram_init` for a shape and rank already checked with :func:`check_loram` (what ``init_model``
+    does for every layer before computing any)."""
+    m, n = W.shape
     mom = weight_moments(W, backend=backend)
     if not (torch.isfinite(mom.sum) and torch.isfinite(mom.sumsq)):
         raise ValueError("loram_fast.loram: the weight holds NaN or Inf values")
@@ -81,12 +88,7 @@ def loram_init(W: torch.Tensor, r: int, scaling: float, *, kind: str = "dst1", a
     beta = loram_beta(var_w, basis_sum, m, n, r)
     A = (U.T * beta).contiguous()
     B = (V * beta).contiguous()
-    coef = scaling * beta * beta
-
-    def fused(Wv: torch.Tensor, sign: float) -> None:
-        loram_residual_(Wv, -sign * coef, r, kind, backend=backend, bases=(V, U))
-
-    return LayerInit(A=A, B=B, scaling=scaling, residual=True, fused=fused)
+    return LayerInit(A=A, B=B, scaling=scaling, residual=BasisResidual(scaling * beta * beta, r, kind, bases=(V, U)))
 
 
 def reference_dst_matrix(p: int, q: int, device=None) -> torch.Tensor:

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from .common import LayerInit
+from .common import LayerInit, product_residual
 
 NYSTROM = ("copy", "pinv")
 
@@ -40,7 +40,8 @@ def nlora_init(W: torch.Tensor, r: int, scaling: float, *, nystrom: str = "copy"
     B = Wf[:, :r].clone()
     core = Wf[:r, :r]
     N = core.clone() if nystrom == "copy" else torch.linalg.pinv(core.double()).float()
-    return LayerInit(A=A, B=B, scaling=scaling, residual=residual, extra={"lora_N": N}, frozen=frozen)
+    return LayerInit(A=A, B=B, scaling=scaling, middle=N, frozen=frozen,
+                     residual=product_residual(scaling, B, A, N) if residual else None)
 
 
 def slora_init(W: torch.Tensor, r: int, scaling: float) -> LayerInit:
@@ -51,5 +52,4 @@ def slora_init(W: torch.Tensor, r: int, scaling: float) -> LayerInit:
     torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5))
     torch.nn.init.kaiming_uniform_(N, a=math.sqrt(5))
     B = torch.zeros(out_f, r)
-    return LayerInit(A=A.to(W.device), B=B.to(W.device), scaling=scaling, residual=False,
-                     extra={"lora_N": N.to(W.device)})
+    return LayerInit(A=A.to(W.device), B=B.to(W.device), scaling=scaling, middle=N.to(W.device))

@@ -18,7 +18,7 @@ import torch
 
 from ..ops.matmul import matmul_f32
 from ..ops.rsvd import randomized_svd
-from .common import LayerInit
+from .common import LayerInit, product_residual
 
 # fp32 bytes of one stacked batch: larger groups are processed in several batches
 BATCH_BYTES = 512 << 20
@@ -87,13 +87,18 @@ def svd_init_batch(views, r, scalings, *, which="top", niter=None, oversample=8,
     """LayerInits for PiSSA/MiLoRA on same-shaped weights (one batched factorisation per memory batch)."""
     pairs = _batched(views, lambda W, s: svd_factors(W, r, s, which=which, niter=niter, oversample=oversample,
                                                       backend=backend), scalings)
-    return [LayerInit(A=A.contiguous(), B=B.contiguous(), scaling=s) for (A, B), s in zip(pairs, scalings)]
+    return [_with_residual(A, B, s) for (A, B), s in zip(pairs, scalings)]
+
+
+def _with_residual(A, B, scaling) -> LayerInit:
+    A, B = A.contiguous(), B.contiguous()
+    return LayerInit(A=A, B=B, scaling=scaling, residual=product_residual(scaling, B, A))
 
 
 def olora_init_batch(views, r, scalings, *, backend=None, bases=None):
     """LayerInits for OLoRA on same-shaped weights."""
     pairs = _batched(views, lambda W, s: qr_factors(W, r, backend=backend), scalings)
-    return [LayerInit(A=A.contiguous(), B=B.contiguous(), scaling=s) for (A, B), s in zip(pairs, scalings)]
+    return [_with_residual(A, B, s) for (A, B), s in zip(pairs, scalings)]
 
 
 def check_rank(shape: tuple[int, int], r: int, **_) -> str | None:

@@ -5,7 +5,8 @@ from .dispatch import BACKENDS, backends, register, resolve
 from .matmul import matmul_f32, matmul_f32_reference
 from .moments import Moments, variance, weight_moments, weight_moments_reference
 from .rsvd import cholesky_qr, randomized_svd
-from .residual import loram_residual_, lowrank_update_, lowrank_update_reference_, loram_residual_reference_
+from .residual import (BasisResidual, LowRankResidual, apply_residual, loram_residual_, loram_residual_reference_,
+                       lowrank_update_, lowrank_update_reference_)
 
 __all__ = [
     "BACKENDS", "backends", "register", "resolve",
@@ -13,4 +14,5 @@ __all__ = [
     "Moments", "variance", "weight_moments", "weight_moments_reference",
     "cholesky_qr", "randomized_svd",
     "loram_residual_", "lowrank_update_", "lowrank_update_reference_", "loram_residual_reference_",
+    "apply_residual", "BasisResidual", "LowRankResidual",
 ]

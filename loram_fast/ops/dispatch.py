@@ -2,12 +2,15 @@
 
 Backends: ``triton`` (GPU tensors), ``cuda`` (GPU tensors, compiled extension), ``cpu-ext`` (CPU tensors,
 compiled extension), ``torch`` (the plain-torch references, always there). Automatic order: GPU tensors
-triton → cuda → torch; CPU tensors cpu-ext → torch (see ``_CPU_ORDER``).
+triton → cuda → torch; CPU tensors cpu-ext → torch (see ``_CPU_ORDER``). GPU kernels are launched on the
+device of the op's first tensor argument.
 
 An op module registers one implementation per backend with :func:`register`; :func:`resolve`
 picks the first available backend that has an implementation for the tensor's device.
 ``backend=`` or the ``LORAM_FAST_BACKEND`` environment variable forces one; a forced backend that is
-unavailable, or has no implementation of the op, raises ``RuntimeError``. An automatically chosen
+unavailable, or does not run on the tensor's device, raises ``RuntimeError``; an op the forced backend does not
+implement runs on the automatic choice (logged once per backend and op), so composite ops (randomized SVD,
+OLoRA, sketches) work under any forced backend. An automatically chosen
 backend that fails to load falls back quietly (one debug log line).
 """
 from __future__ import annotations
@@ -40,10 +43,26 @@ def register(op: str, backend: str):
         raise ValueError(f"loram_fast.dispatch: unknown backend {backend!r}; valid: {BACKENDS}")
 
     def deco(fn):
-        _IMPLS.setdefault(op, {})[backend] = fn
+        _IMPLS.setdefault(op, {})[backend] = _on_input_device(fn) if backend in ("triton", "cuda") else fn
         return fn
 
     return deco
+
+
+def _on_input_device(fn: Callable) -> Callable:
+    """GPU kernels launch on the current CUDA device: make that the device of the op's first tensor argument
+    (a model spread over cuda:0 and cuda:1 gets each kernel on its weight's GPU)."""
+
+    @functools.wraps(fn)
+    def guarded(*args, **kwargs):
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        device = first.device if first is not None else kwargs.get("device")
+        if device is not None and torch.device(device).type == "cuda":
+            with torch.cuda.device(torch.device(device)):
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return guarded
 
 
 @functools.lru_cache(maxsize=None)
@@ -105,9 +124,21 @@ def resolve(op: str, device: torch.device | str, backend: str | None = None) -> 
         if forced == "cpu-ext" and device.type != "cpu":
             raise RuntimeError(f"loram_fast: backend 'cpu-ext' needs CPU tensors, got a tensor on {device}")
         impl = _IMPLS.get(op, {}).get(forced)
-        if impl is None:
-            raise RuntimeError(f"loram_fast: backend {forced!r} has no implementation of op {op!r}")
-        return forced, impl
+        if impl is not None:
+            return forced, impl
+        # a forced backend is a preference per op: an op it lacks runs on the next backend that has it
+        name, impl = _automatic(op, device)
+        if (forced, op) not in _FELL_BACK:
+            _FELL_BACK.add((forced, op))
+            logger.info("loram_fast: backend %r has no %r; using %r for that op", forced, op, name)
+        return name, impl
+    return _automatic(op, device)
+
+
+_FELL_BACK: set = set()
+
+
+def _automatic(op: str, device: torch.device) -> tuple[str, Callable]:
     order = _GPU_ORDER if device.type == "cuda" else _CPU_ORDER
     for name in order:
         if _probe(name) is not True:

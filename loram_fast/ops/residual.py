@@ -3,13 +3,16 @@
 - ``lowrank_update_(W, B, A, alpha)``: ``W ← W + alpha · B @ A`` for W m×n (fp32/fp16/bf16, any strides,
   e.g. the transposed view of a Conv1D weight), B m×r and A r×n. Each tile is computed in fp32 and
   rounded once to W's dtype; no m×n fp32 temporary of the whole weight is made.
+- ``apply_residual(W, residual, sign)``: one of the two residual descriptions below, applied in place
+  (``sign=-1`` writes it, ``+1`` adds it back): the one place that turns a method's residual into a write.
 - ``loram_residual_(W, coef, r, kind)``: ``W ← W − coef · V_r @ U_r`` with ``V_r = dst_basis(m, r)`` and
   ``U_r = dst_basis(n, r).T``: the LoRAM residual with ``coef = scaling · β²``. Compiled backends
   generate the basis tiles in the kernel.
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch
 
@@ -72,17 +75,51 @@ def loram_residual_(W: torch.Tensor, coef: float, r: int, kind: str = "dst1", *,
                     bases: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """``W ← W − coef · dst_basis(m, r) @ dst_basis(n, r).T`` in place (W m×n). Returns W.
 
-    ``bases = (dst_basis(m, r), dst_basis(n, r))``, when the caller has them, spares the torch path
-    rebuilding them; compiled backends generate the basis tiles in the kernel and ignore it."""
+    ``bases = (dst_basis(m, r), dst_basis(n, r))``, when the caller has them, spares a backend that needs the
+    bases as matrices rebuilding them (the torch reference); the Triton kernel generates its basis tiles itself."""
     if W.dim() != 2:
         raise ValueError(f"loram_fast.loram_residual_: W must be 2-D, got shape {tuple(W.shape)}")
     if W.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"loram_fast.loram_residual_: unsupported weight dtype {W.dtype}")
-    name, impl = dispatch.resolve("loram_residual_", W.device, backend)
-    if name == "torch" and bases is not None:
+    if bases is not None:
         V, U = bases
         if V.shape != (W.shape[0], r) or U.shape != (W.shape[1], r):
             raise ValueError(f"loram_fast.loram_residual_: bases of shapes {tuple(V.shape)}, {tuple(U.shape)} "
                              f"do not match W {tuple(W.shape)} at r={r}")
-        return impl(W, float(coef), int(r), kind, bases=bases)
-    return impl(W, float(coef), int(r), kind)
+    _, impl = dispatch.resolve("loram_residual_", W.device, backend)
+    return impl(W, float(coef), int(r), kind, bases=bases)
+
+@dataclass
+class LowRankResidual:
+    """``W ← W − coef · left @ right`` (left out×k, right k×in, fp32)."""
+
+    coef: float
+    left: torch.Tensor
+    right: torch.Tensor
+
+
+@dataclass
+class BasisResidual:
+    """``W ← W − coef · V_r @ U_rᵀ`` with ``V_r = dst_basis(out, r, kind)``, ``U_r = dst_basis(in, r, kind)``
+    (LoRAM's residual, ``coef = s·β²``). ``bases = (V_r, U_r)`` when the method built them already."""
+
+    coef: float
+    r: int
+    kind: str
+    bases: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def without_bases(self) -> "BasisResidual":
+        return BasisResidual(self.coef, self.r, self.kind)
+
+
+Residual = Union[LowRankResidual, BasisResidual]
+
+
+def apply_residual(W: torch.Tensor, residual: Residual, sign: float = -1.0, *, backend=None) -> torch.Tensor:
+    """``W ← W + sign · (the residual's product)`` in place on W (out×in, any strides), W's dtype kept:
+    ``sign=-1`` writes the residual, ``+1`` adds it back."""
+    with torch.no_grad():
+        if isinstance(residual, BasisResidual):
+            return loram_residual_(W, -sign * residual.coef, residual.r, residual.kind, backend=backend,
+                                   bases=residual.bases)
+        return lowrank_update_(W, residual.left, residual.right, sign * residual.coef, backend=backend)

@@ -1,0 +1,164 @@
+"""Target discovery and validation: which peft LoRA layers an init touches, and whether it may touch them.
+
+Nothing here writes. ``find_lora_layers`` lists the layers holding an adapter; ``validate`` checks one layer
+against a method (layer kind, device, dtype, shape, merged or DoRA adapters); ``shared_base_problem`` finds base
+weights that something else also uses (another adapter of the layer, a tied embedding): a residual written
+there would change that other user too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .registry import Method
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_QUANTIZED_PARAMS = ("Params4bit", "Int8Params")
+
+
+@dataclass
+class LoraTarget:
+    """One LoRA layer of the adapter: where its weight is and how to view it as out×in."""
+
+    name: str
+    layer: nn.Module  # peft LoraLayer
+    kind: str  # "linear", "embedding" or "conv"
+    r: int
+    scaling: float
+    fan_in_fan_out: bool
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.layer.get_base_layer().weight
+
+    def weight_view(self) -> torch.Tensor:
+        """The base weight as out×in (a transposed view for ``fan_in_fan_out`` / Conv1D layers)."""
+        W = self.weight.data
+        return W.T if self.fan_in_fan_out else W
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        W = self.weight
+        out, inp = (W.shape[1], W.shape[0]) if self.fan_in_fan_out else (W.shape[0], W.shape[1])
+        return int(out), int(inp)
+
+    def describe(self) -> str:
+        return f"module {self.name!r} ({type(self.layer.get_base_layer()).__name__} {self.shape[0]}×{self.shape[1]})"
+
+
+def _lora_layer_cls():
+    from peft.tuners.lora import LoraLayer
+
+    return LoraLayer
+
+
+def _layer_kind(layer, adapter: str) -> str:
+    if adapter in getattr(layer, "lora_embedding_A", {}):
+        return "embedding"
+    mod = layer.lora_A[adapter]
+    if isinstance(mod, nn.Linear):
+        return "linear"
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return "conv"
+    return type(mod).__name__
+
+
+def make_target(layer, adapter: str, name: str = "") -> LoraTarget:
+    return LoraTarget(
+        name=name or type(layer).__name__,
+        layer=layer,
+        kind=_layer_kind(layer, adapter),
+        r=int(layer.r[adapter]),
+        scaling=float(layer.scaling[adapter]),
+        fan_in_fan_out=bool(getattr(layer, "fan_in_fan_out", False)),
+    )
+
+
+def default_adapter(model: nn.Module) -> str:
+    """The active adapter of a PeftModel (or of the first LoRA layer found)."""
+    active = getattr(model, "active_adapter", None)
+    if isinstance(active, str):
+        return active
+    if isinstance(active, (list, tuple)) and active:
+        return active[0]
+    LoraLayer = _lora_layer_cls()
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and module.active_adapters:
+            return module.active_adapters[0]
+    raise ValueError("loram_fast.init_model: the model holds no peft LoRA layers (wrap it with get_peft_model first)")
+
+
+def find_lora_layers(model: nn.Module, adapter: str) -> list[LoraTarget]:
+    """Every peft LoRA layer of ``model`` that has ``adapter``, in module order."""
+    LoraLayer = _lora_layer_cls()
+    targets = []
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and adapter in module.r:
+            targets.append(make_target(module, adapter, name))
+    return targets
+
+
+def validate(method: Method, target: LoraTarget, adapter: str, options: dict, *, in_init_model: bool = True) -> None:
+    """Raise a clear error when ``method`` cannot initialise ``target``; writes nothing."""
+    where = target.describe()
+    if target.kind not in method.layer_kinds:
+        raise NotImplementedError(f"loram_fast: method {method.name!r} does not support peft LoRA layers of kind "
+                                  f"{target.kind!r} ({where}); supported: {', '.join(method.layer_kinds)}. "
+                                  "Leave this module out of target_modules.")
+    W = target.weight
+    if W.device.type == "meta":
+        raise ValueError(f"loram_fast: the base weight of {where} is on the meta device (offloaded or not yet "
+                         "loaded); load the weights onto a real device before initialising")
+    if type(W).__name__ in _QUANTIZED_PARAMS or W.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"loram_fast: the base weight of {where} has dtype {W.dtype} ({type(W).__name__}); method "
+                        f"{method.name!r} needs an fp32, fp16 or bf16 weight. Initialise on the unquantized model "
+                        "and quantize the residual afterwards.")
+    if W.dim() != 2:
+        raise NotImplementedError(f"loram_fast: {where} has a {W.dim()}-D weight; method {method.name!r} "
+                                  "supports 2-D weights")
+    dora = target.layer.use_dora.get(adapter, False)
+    if dora and method.middle:
+        raise NotImplementedError(f"loram_fast: {where} uses DoRA, which has no place for the r×r middle matrix of "
+                                  f"method {method.name!r} (DoRA would ignore it); use use_dora=False")
+    if in_init_model:
+        if adapter in getattr(target.layer, "merged_adapters", []):
+            raise ValueError(f"loram_fast: adapter {adapter!r} is merged into {where}; unmerge it first")
+        if dora:
+            raise NotImplementedError(f"loram_fast.init_model: {where} uses DoRA; re-initialising a DoRA adapter "
+                                      "in place is not supported (use LoraConfig(init_lora_weights=...) instead)")
+    if method.check is not None:
+        problem = method.check(target.shape, target.r, **options)
+        if problem:
+            raise ValueError(f"loram_fast: {where}, method {method.name!r}: {problem}")
+
+
+
+
+# peft's own inits that write into the base weight (peft LoraLayer.update_layer): a later init cannot undo them
+PEFT_RESIDUAL_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
+
+
+def writes_peft_residual(init_lora_weights) -> bool:
+    return isinstance(init_lora_weights, str) and any(
+        init_lora_weights == name or init_lora_weights.startswith(name + "_") for name in PEFT_RESIDUAL_INITS)
+
+
+def other_weight_users(model: nn.Module, targets: list[LoraTarget], adapter: str) -> dict[int, list[str]]:
+    """For each target index whose base weight something else also uses: who (other adapters of the same layer,
+    other parameters sharing the weight's storage, e.g. an embedding tied to ``lm_head``)."""
+    storages: dict = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p.device.type != "meta":
+            storages.setdefault(p.untyped_storage().data_ptr(), []).append(name)
+    found: dict[int, list[str]] = {}
+    for i, t in enumerate(targets):
+        users = [f"adapter {a!r}" for a in t.layer.r if a != adapter]
+        W = t.weight
+        own = f"{t.name}.base_layer.weight"
+        if W.device.type != "meta":
+            users += [f"parameter {n!r}" for n in storages.get(W.untyped_storage().data_ptr(), []) if n != own]
+        if users:
+            found[i] = users
+    return found

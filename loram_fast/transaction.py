@@ -1,0 +1,217 @@
+"""The one writer: a method's :class:`LayerInit` per layer goes into the peft LoRA layers as one transaction.
+
+Per layer, in order: add back the residual that an earlier loram_fast init left in the base weight (its record,
+see below), add or remove the r×r middle matrix (module and peft LoRA variant), store the adapters (rounded to
+the base weight's dtype, as the references store them), set which adapter weights are frozen and which train,
+subtract the new residual from the base weight and record it. The peft config's ``init_lora_weights`` then names
+the method and its options (``loram_fast:<name>[...]``), so a reload rebuilds the same model through the hook.
+
+Every step first puts its exact inverse on an undo log: the old adapter tensors, flags, modules, variant and
+frozen names, and a copy of the base weight before its first change (kept on the weight's device, or in host
+memory with ``snapshot_device="cpu"``, until the call returns). Any exception, ``KeyboardInterrupt`` included,
+runs the log backwards: the model is left bit-identical to before the call.
+
+Residual records: ``layer._loram_fast_residuals[adapter]`` holds the residual an init subtracted (its factors, or
+LoRAM's basis coefficients), so a second init of the same adapter puts it back first (exact up to one rounding
+of the weight's dtype) instead of stacking two residuals.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional
+
+import torch
+
+from .methods.common import LayerInit, product_residual
+from .ops.residual import BasisResidual, Residual, apply_residual
+from .targets import LoraTarget
+
+logger = logging.getLogger(__name__)
+
+_RECORD = "_loram_fast_residuals"
+_MISSING = object()
+
+
+def residual_record(layer, adapter: str) -> Optional[Residual]:
+    """The residual a loram_fast init left in ``layer``'s base weight for ``adapter`` (None if none)."""
+    return getattr(layer, _RECORD, {}).get(adapter)
+
+
+class Transaction:
+    """Writes :class:`LayerInit` s into peft LoRA layers of one adapter; :meth:`rollback` undoes every write.
+
+    Use as a context manager: leaving it by an exception rolls back and re-raises.
+
+    ``config``: the adapter's peft config, whose ``init_lora_weights`` becomes ``record`` (None: left alone, as in
+    the hook, where peft's config already says it). ``rounded_residual``: residuals from the adapters as stored
+    (rounded to W's dtype), LoRA-GA's convention, instead of the methods' fp32 factors.
+    """
+
+    def __init__(self, adapter: str, *, config=None, record: Optional[str] = None, rounded_residual: bool = False,
+                 snapshot_device=None, backend=None):
+        self.adapter = adapter
+        self.config = config
+        self.record = record
+        self.rounded_residual = rounded_residual
+        self.snapshot_device = snapshot_device
+        self.backend = backend
+        self._undo: list[Callable[[], None]] = []
+        self._saved_weights: set[int] = set()
+
+    # -- the log -------------------------------------------------------------------------------------------------
+    def _will(self, undo: Callable[[], None]) -> None:
+        """Register the inverse of the step about to run (harmless if that step never ran)."""
+        self._undo.append(undo)
+
+    def rollback(self) -> None:
+        with torch.no_grad():
+            while self._undo:
+                self._undo.pop()()
+        self._saved_weights.clear()
+
+    def __enter__(self):
+        self._inference = torch.inference_mode(False)  # new modules must be ordinary (trainable) tensors
+        self._inference.__enter__()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is not None:
+                logger.error("loram_fast: writing failed (%s); restoring the model", exc_type.__name__)
+                self.rollback()
+            else:
+                self._undo.clear()
+                self._saved_weights.clear()
+        finally:
+            self._inference.__exit__(None, None, None)
+        return False
+
+    # -- steps ---------------------------------------------------------------------------------------------------
+    def _save_weight(self, target: LoraTarget) -> None:
+        W = target.weight
+        if id(W) in self._saved_weights:
+            return
+        copy = W.detach().to(self.snapshot_device or W.device, copy=True)
+        self._will(lambda: W.data.copy_(copy))
+        self._saved_weights.add(id(W))
+
+    def _residual(self, target: LoraTarget, init: LayerInit) -> Optional[Residual]:
+        if init.residual is None or not self.rounded_residual:
+            return init.residual
+        return product_residual(init.scaling, init.B, init.A, init.middle, rounded_to=target.weight.dtype)
+
+    def write(self, target: LoraTarget, init: LayerInit) -> None:
+        """Write one layer (see module docstring)."""
+        layer, adapter = target.layer, self.adapter
+        previous = residual_record(layer, adapter)
+        residual = self._residual(target, init)
+        with torch.no_grad():
+            if previous is not None or residual is not None:
+                self._save_weight(target)
+            trainable = self._adapter_trainable(layer)
+            if previous is not None:
+                apply_residual(target.weight_view(), previous, +1.0, backend=self.backend)
+            self._set_middle(layer, init.middle is not None)
+            for name, value in init.adapters().items():
+                self._set_adapter(target, name, value)
+            self._set_frozen(layer, init.frozen, trainable)
+            if residual is not None:
+                apply_residual(target.weight_view(), residual, -1.0, backend=self.backend)
+            self._set_record(layer, None if residual is None else (
+                residual.without_bases() if isinstance(residual, BasisResidual) else residual))
+
+    def commit_config(self) -> None:
+        """Record the method in the peft config (after every layer is written)."""
+        if self.config is None or self.record is None:
+            return
+        old = self.config.init_lora_weights
+        self._will(lambda: setattr(self.config, "init_lora_weights", old))
+        self.config.init_lora_weights = self.record
+
+    def _adapter_trainable(self, layer) -> bool:
+        """Whether this adapter trains at all (any of its matrices requires grad): frozen adapters stay frozen."""
+        return any(self.adapter in getattr(layer, name, {}) and getattr(layer, name)[self.adapter].weight.requires_grad
+                   for name in ("lora_A", "lora_B", "lora_N"))
+
+    def _set_adapter(self, target: LoraTarget, name: str, value: torch.Tensor) -> None:
+        param = getattr(target.layer, name)[self.adapter].weight
+        old = param.detach().clone()
+        self._will(lambda: param.data.copy_(old))
+        # rounded to the base weight's dtype (as the references store them), held in the parameter's own dtype
+        param.data.copy_(value.to(target.weight.dtype))
+
+    def _set_middle(self, layer, wanted: bool) -> None:
+        """Create (or remove) ``lora_N[adapter]`` and the middle-matrix variant, with undo."""
+        from .peft_variant import add_middle, remove_middle
+
+        has = self.adapter in getattr(layer, "lora_N", {})
+        if wanted == has:
+            if wanted:
+                add_middle(layer, self.adapter)  # re-installs the variant if a later peft call replaced it
+            return
+        saved = {"lora_N": layer.__dict__.get("_modules", {}).get("lora_N", _MISSING),
+                 "names": layer.adapter_layer_names,
+                 "variant": layer.lora_variant.get(self.adapter, _MISSING),
+                 "module": layer.lora_N[self.adapter] if has else _MISSING}
+
+        def undo():
+            if saved["lora_N"] is _MISSING:
+                if "lora_N" in layer._modules:
+                    del layer._modules["lora_N"]
+            else:
+                layer._modules["lora_N"] = saved["lora_N"]
+                if saved["module"] is _MISSING:
+                    saved["lora_N"].pop(self.adapter, None)
+                else:
+                    saved["lora_N"][self.adapter] = saved["module"]
+            layer.adapter_layer_names = saved["names"]
+            if saved["variant"] is _MISSING:
+                layer.lora_variant.pop(self.adapter, None)
+            else:
+                layer.lora_variant[self.adapter] = saved["variant"]
+
+        self._will(undo)
+        (add_middle if wanted else remove_middle)(layer, self.adapter)
+
+    def _set_frozen(self, layer, frozen: tuple, trainable: bool) -> None:
+        """Exactly ``frozen`` of this adapter's matrices stay frozen (peft's frozen-weight registry, re-applied by
+        ``set_adapter``); the others train iff the adapter trained before."""
+        from .peft_variant import set_frozen
+
+        names = [n for n in ("lora_A", "lora_B", "lora_N") if self.adapter in getattr(layer, n, {})]
+        flags = {n: getattr(layer, n)[self.adapter].weight.requires_grad for n in names}
+        registry = layer.__dict__.get("frozen_peft_weight_names", _MISSING)
+
+        def undo():
+            if registry is _MISSING:
+                layer.__dict__.pop("frozen_peft_weight_names", None)
+            else:
+                layer.frozen_peft_weight_names = registry
+            for n, flag in flags.items():
+                getattr(layer, n)[self.adapter].weight.requires_grad_(flag)
+
+        self._will(undo)
+        set_frozen(layer, self.adapter, frozen)
+        for n in names:
+            getattr(layer, n)[self.adapter].weight.requires_grad_(trainable and n not in frozen)
+
+    def _set_record(self, layer, residual: Optional[Residual]) -> None:
+        records = layer.__dict__.get(_RECORD, _MISSING)
+        old = _MISSING if records is _MISSING else records.get(self.adapter, _MISSING)
+
+        def undo():
+            current = layer.__dict__.get(_RECORD)
+            if current is None:
+                return
+            if old is _MISSING:
+                current.pop(self.adapter, None)
+            else:
+                current[self.adapter] = old
+
+        self._will(undo)
+        if records is _MISSING:
+            records = layer.__dict__.setdefault(_RECORD, {})
+        if residual is None:
+            records.pop(self.adapter, None)
+        else:
+            records[self.adapter] = residual
