@@ -78,7 +78,7 @@ def _check_bases(model, spec: Method, targets, adapter, options, config, allow_s
 def _check_previous_init(spec: Method, targets, adapter, config) -> None:
     """A base weight changed by an init we cannot undo (peft's pissa, olora, ...) is refused."""
     current = getattr(config, "init_lora_weights", None)
-    if not writes_peft_residual(current) or parse_init_string(current) is not None:
+    if not writes_peft_residual(current):  # with the take-over, peft's names ran our code: records exist
         return
     for t in targets:
         if residual_record(t.layer, adapter) is None:
@@ -152,14 +152,17 @@ def init_model(model: nn.Module, method: str = "loram", **kwargs) -> nn.Module:
 
         if "gradient_mode" in data:
             data["mode"] = data.pop("gradient_mode")
-        start = time.perf_counter()
-        grads = estimate_gradients(model, [t.weight for t in targets], [t.fan_in_fan_out for t in targets],
-                                   [t.layer for t in targets], base_layers=[t.layer.get_base_layer() for t in targets],
-                                   names=[t.name for t in targets], progress=progress,
-                                   desc=f"loram_fast {spec.name}: gradients", **data)
-        logger.info("loram_fast %s: estimated %d gradients in %.3f s", spec.name, len(grads),
-                    time.perf_counter() - start)
-        per_layer = [{"grad": g} for g in grads]
+
+        def per_layer():
+            start = time.perf_counter()
+            grads = estimate_gradients(model, [t.weight for t in targets], [t.fan_in_fan_out for t in targets],
+                                       [t.layer for t in targets],
+                                       base_layers=[t.layer.get_base_layer() for t in targets],
+                                       names=[t.name for t in targets], progress=progress,
+                                       desc=f"loram_fast {spec.name}: gradients", **data)
+            logger.info("loram_fast %s: estimated %d gradients in %.3f s", spec.name, len(grads),
+                        time.perf_counter() - start)
+            return [{"grad": g} for g in grads]
 
     record = format_init_string(spec.name, _recorded_options(spec, options, rounded_residual))
     transaction = Transaction(adapter, config=config, record=record, rounded_residual=rounded_residual,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -57,19 +57,23 @@ def _culprits(targets, idx, views) -> str:
     return ", ".join(targets[i].describe() for i in (bad or idx))
 
 
-def compute_and_write(spec: Method, targets: list[LoraTarget], options: dict, transaction: Transaction, *, backend=None,
-              progress=True, per_layer: Optional[list[dict]] = None) -> None:
-    """Compute every target's init (read-only), then write them all in ``transaction``."""
+def compute_and_write(spec: Method, targets: list[LoraTarget], options: dict, transaction: Transaction, *,
+                      backend=None, progress=True, per_layer: Optional[Callable[[], list[dict]]] = None) -> None:
+    """In ``transaction``: put back earlier residuals, compute every target's init (``per_layer()`` first gives
+    each layer's extra inputs, e.g. gradients, from the restored model), then write them all."""
     bar = tqdm(total=2 * len(targets), desc=f"loram_fast {spec.name}", disable=not progress or not targets,
                unit="layer", leave=False)
     try:
         start = time.perf_counter()
-        bar.set_postfix_str("compute")
-        inits = compute(spec, targets, options, backend, bar, per_layer)
-        logger.info("loram_fast %s: computed %d layers in %.3f s", spec.name, len(targets),
-                    time.perf_counter() - start)
-        bar.set_postfix_str("write")
         with transaction:
+            for t in targets:  # a second init starts from the original weight
+                transaction.fold_back(t)
+            extra = per_layer() if per_layer is not None else None
+            bar.set_postfix_str("compute")
+            inits = compute(spec, targets, options, backend, bar, extra)
+            logger.info("loram_fast %s: computed %d layers in %.3f s", spec.name, len(targets),
+                        time.perf_counter() - start)
+            bar.set_postfix_str("write")
             for t, init in zip(targets, inits):
                 transaction.write(t, init)
                 bar.update(1)

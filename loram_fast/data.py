@@ -108,7 +108,13 @@ def _run(model, dataloader, loss_fn, train_step, max_batches, progress=None) -> 
                             "be a dict of model inputs (e.g. {'input_ids': ids, 'labels': ids}, loss = "
                             "model(**batch).loss); pass loss_fn=(model, batch) -> loss for other batches")
         batch = _move(batch, device)
-        loss = loss_fn(model, batch) if loss_fn is not None else model(**batch).loss
+        try:
+            loss = loss_fn(model, batch) if loss_fn is not None else model(**batch).loss
+        except RuntimeError as exc:
+            if "Inference tensors" in str(exc):
+                raise RuntimeError("loram_fast: batch {n} holds tensors made under torch.inference_mode(), which "
+                                   "autograd cannot use; create the batches outside inference_mode") from exc
+            raise
         if loss is None or not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             raise ValueError("loram_fast: the loss must be a scalar tensor (model(**batch).loss or loss_fn's result)")
         loss.backward()

@@ -76,6 +76,9 @@ def remove_middle(layer, adapter_name: str) -> None:
     """Drop ``lora_N[adapter_name]`` and the middle-matrix variant (a re-init with a two-matrix method)."""
     if adapter_name in getattr(layer, "lora_N", {}):
         del layer.lora_N[adapter_name]
+    if hasattr(layer, "lora_N") and not len(layer.lora_N):  # no three-matrix adapter left: as peft made the layer
+        del layer.lora_N
+        layer.adapter_layer_names = tuple(n for n in layer.adapter_layer_names if n != "lora_N")
     if isinstance(layer.lora_variant.get(adapter_name), MiddleMatrixVariant):
         del layer.lora_variant[adapter_name]
 

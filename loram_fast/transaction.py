@@ -1,7 +1,8 @@
 """The one writer: a method's :class:`LayerInit` per layer goes into the peft LoRA layers as one transaction.
 
-Per layer, in order: add back the residual that an earlier loram_fast init left in the base weight (its record,
-see below), add or remove the r×r middle matrix (module and peft LoRA variant), store the adapters (rounded to
+First, for every layer, the residual that an earlier loram_fast init left in the base weight is added back (its
+record, see below), so that the new init is computed from the original weight. Then per layer, in order: add or
+remove the r×r middle matrix (module and peft LoRA variant), store the adapters (rounded to
 the base weight's dtype, as the references store them), set which adapter weights are frozen and which train,
 subtract the new residual from the base weight and record it. The peft config's ``init_lora_weights`` then names
 the method and its options (``loram_fast:<name>[...]``), so a reload rebuilds the same model through the hook.
@@ -100,17 +101,25 @@ class Transaction:
             return init.residual
         return product_residual(init.scaling, init.B, init.A, init.middle, rounded_to=target.weight.dtype)
 
+    def fold_back(self, target: LoraTarget) -> None:
+        """Add back the residual an earlier loram_fast init of this adapter left in the base weight (before the
+        new init is computed from the weight, which then is the original again, up to one rounding)."""
+        previous = residual_record(target.layer, self.adapter)
+        if previous is None:
+            return
+        with torch.no_grad():
+            self._save_weight(target)
+            self._set_record(target.layer, None)
+            apply_residual(target.weight_view(), previous, +1.0, backend=self.backend)
+
     def write(self, target: LoraTarget, init: LayerInit) -> None:
-        """Write one layer (see module docstring)."""
-        layer, adapter = target.layer, self.adapter
-        previous = residual_record(layer, adapter)
+        """Write one layer (see module docstring); :meth:`fold_back` ran before its init was computed."""
+        layer = target.layer
         residual = self._residual(target, init)
         with torch.no_grad():
-            if previous is not None or residual is not None:
+            if residual is not None:
                 self._save_weight(target)
             trainable = self._adapter_trainable(layer)
-            if previous is not None:
-                apply_residual(target.weight_view(), previous, +1.0, backend=self.backend)
             self._set_middle(layer, init.middle is not None)
             for name, value in init.adapters().items():
                 self._set_adapter(target, name, value)
