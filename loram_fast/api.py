@@ -162,7 +162,7 @@ def init_model(model: nn.Module, method: str = "loram", **kwargs) -> nn.Module:
                                        desc=f"loram_fast {spec.name}: gradients", **data)
             logger.info("loram_fast %s: estimated %d gradients in %.3f s", spec.name, len(grads),
                         time.perf_counter() - start)
-            return [{"grad": g} for g in grads]
+            return [{"grad": g, "stored_rows": int(t.weight.shape[0])} for g, t in zip(grads, targets)]
 
     record = format_init_string(spec.name, _recorded_options(spec, options, rounded_residual))
     transaction = Transaction(adapter, config=config, record=record, rounded_residual=rounded_residual,

@@ -6,8 +6,9 @@
 How the data comes in (one of):
 - ``dataloader``: an iterable of batches; each batch is a dict for the model, the loss is ``model(**batch).loss``,
   or ``loss_fn(model, batch)`` when given;
-- ``train_step``: a callable that runs forward and backward itself (peft's LoRA-GA convention); the mean is
-  over the backward passes that reached each weight.
+- ``train_step``: a callable that runs forward and backward itself (peft's LoRA-GA convention), with peft's
+  semantics: what ``.grad`` holds at the end (a ``zero_grad()`` inside the step clears what came before;
+  accumulated in the weight's dtype) divided by the number of backward passes that reached the weight.
 
 Modes:
 - ``"full"``: each weight's gradient is accumulated in fp32 on its device by a post-accumulate-grad hook, which
@@ -163,26 +164,37 @@ def _no_gradient(name: str) -> ValueError:
 
 
 def _full(model, weights, views, names, dataloader, loss_fn, train_step, max_batches, bar):
-    accum = [torch.zeros(w.shape, dtype=torch.float32, device=w.device) for w in weights]
+    """With a dataloader: every backward pass added into an fp32 accumulator, ``.grad`` freed at once (mean over
+    batches). With ``train_step`` (peft's LoRA-GA convention), as peft's ``preprocess_loraga``: the gradient
+    accumulates in ``.grad`` (the weight's dtype; a ``zero_grad()`` inside the step clears it) and is divided by
+    the number of backward passes that reached the weight."""
+    peft_mode = train_step is not None
+    accum = [None if peft_mode else torch.zeros(w.shape, dtype=torch.float32, device=w.device) for w in weights]
     counts = [0] * len(weights)
     handles = []
     for i, w in enumerate(weights):
         w.requires_grad_(True)
 
         def hook(p, i=i):
-            accum[i].add_(p.grad)
             counts[i] += 1
-            p.grad = None
+            if not peft_mode:
+                accum[i].add_(p.grad)
+                p.grad = None
 
         handles.append(w.register_post_accumulate_grad_hook(hook))
     try:
         _run(model, dataloader, loss_fn, train_step, max_batches, bar)
+        if peft_mode:
+            accum = [None if w.grad is None else w.grad.detach().float() for w in weights]
     finally:
         for h in handles:
             h.remove()
+        if peft_mode:
+            for w in weights:
+                w.grad = None
     out = []
     for acc, count, transposed, name in zip(accum, counts, views, names):
-        if count == 0:
+        if count == 0 or acc is None:
             raise _no_gradient(name)
         acc.div_(count)
         out.append(acc.T if transposed else acc)

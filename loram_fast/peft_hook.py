@@ -36,6 +36,9 @@ def install(take_over_peft_inits: bool = False) -> None:
 
     if take_over_peft_inits:
         _take_over(LoraLayer)
+    from .peft_variant import install_delta_weight
+
+    install_delta_weight()
     if installed():
         return
     original = LoraLayer.reset_lora_parameters
@@ -135,3 +138,6 @@ def uninstall() -> None:
         fn = getattr(LoraLayer, attr)
         if getattr(fn, _MARK, False):
             setattr(LoraLayer, attr, fn.__wrapped_original__)
+    from .peft_variant import uninstall_delta_weight
+
+    uninstall_delta_weight()

@@ -10,9 +10,13 @@ adds ``s·B N A``. Weights that must not train (IntTune's A and B) are declared 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from peft.tuners.lora.layer import LoraVariant
 from torch import nn
+
+from .registry import parse_init_string
 
 
 def middle_delta(module, adapter: str) -> torch.Tensor:
@@ -28,7 +32,7 @@ class MiddleMatrixVariant(LoraVariant):
     """Forward and merging of ``W + s·B N A`` (the init itself is done by loram_fast before this is used)."""
 
     def supports_lora_conversion(self) -> bool:
-        return False
+        return True  # get_delta_weight returns s·B N A (patched by install_delta_weight)
 
     @staticmethod
     def init(module, adapter_name: str, **kwargs) -> None:
@@ -95,3 +99,75 @@ def set_frozen(layer, adapter_name: str, names) -> None:
         layer.frozen_peft_weight_names = registry  # peft copies on write too: never mutate the shared default
     for name in names:
         getattr(layer, name)[adapter_name].weight.requires_grad_(False)
+
+
+_MARK = "_loram_fast_middle"
+# peft's add_weighted_adapter combinations built from get_delta_weight; the others concatenate or mix A and B
+# directly and cannot carry N
+_DELTA_COMBINATIONS = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
+
+
+def has_middle(layer, adapter: str) -> bool:
+    return isinstance(getattr(layer, "lora_variant", {}).get(adapter), MiddleMatrixVariant)
+
+
+def install_delta_weight() -> None:
+    """Make peft's ``Linear.get_delta_weight`` return ``s·B N A`` for three-matrix adapters (what everything in peft
+    that reasons about an adapter's delta calls: ``add_weighted_adapter`` with SVD combinations, ``convert_to_lora``,
+    ...), and make ``add_weighted_adapter`` refuse the combinations that would silently drop N. Idempotent."""
+    from peft.tuners.lora import LoraModel
+    from peft.tuners.lora.layer import Linear
+
+    if not getattr(Linear.get_delta_weight, _MARK, False):
+        original = Linear.get_delta_weight
+
+        @functools.wraps(original)
+        def get_delta_weight(self, adapter, *args, **kwargs):
+            if has_middle(self, adapter):
+                return middle_delta(self, adapter).to(self.lora_B[adapter].weight.dtype)
+            return original(self, adapter, *args, **kwargs)
+
+        get_delta_weight.__wrapped_original__ = original
+        setattr(get_delta_weight, _MARK, True)
+        Linear.get_delta_weight = get_delta_weight
+
+    if not getattr(LoraModel.add_weighted_adapter, _MARK, False):
+        original_add = LoraModel.add_weighted_adapter
+
+        @functools.wraps(original_add)
+        def add_weighted_adapter(self, adapters, weights, adapter_name, combination_type="svd", *args, **kwargs):
+            # peft turns any combination of a single adapter into "linear"
+            effective = "linear" if len(adapters) == 1 else combination_type
+            if effective not in _DELTA_COMBINATIONS and any(
+                    has_middle(m, a) for m in self.model.modules() for a in adapters):
+                raise NotImplementedError(f"loram_fast: combination_type={effective!r} (peft uses 'linear' for a "
+                                          "single adapter) combines lora_A and lora_B directly and would drop the r×r "
+                                          "middle matrix of a three-matrix adapter; combine two or more adapters with "
+                                          f"one of {', '.join(_DELTA_COMBINATIONS)}")
+            # peft builds the new adapter's config from the first source adapter's, init string included: the new
+            # adapter is a plain LoRA whose factors peft computes, so it must not run the sources' init (no second
+            # residual, no middle matrix)
+            configs = [self.peft_config[a] for a in adapters if a in self.peft_config]
+            saved = [c.init_lora_weights for c in configs]
+            try:
+                for c in configs:
+                    if parse_init_string(c.init_lora_weights) is not None:
+                        c.init_lora_weights = True
+                return original_add(self, adapters, weights, adapter_name, combination_type, *args, **kwargs)
+            finally:
+                for c, value in zip(configs, saved):
+                    c.init_lora_weights = value
+
+        add_weighted_adapter.__wrapped_original__ = original_add
+        setattr(add_weighted_adapter, _MARK, True)
+        LoraModel.add_weighted_adapter = add_weighted_adapter
+
+
+def uninstall_delta_weight() -> None:
+    from peft.tuners.lora import LoraModel
+    from peft.tuners.lora.layer import Linear
+
+    for owner, attr in ((Linear, "get_delta_weight"), (LoraModel, "add_weighted_adapter")):
+        fn = getattr(owner, attr)
+        if getattr(fn, _MARK, False):
+            setattr(owner, attr, fn.__wrapped_original__)

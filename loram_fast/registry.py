@@ -211,8 +211,8 @@ def _lora_ga_options(lora_ga_config=None, **options):
 
 register(Method(
     name="lora_one",
-    init=lambda W, r, scaling, *, backend=None, bases=None, **o: _gradient.lora_one_init(W, r, scaling, backend=backend,
-                                                                                           **o),
+    init=lambda W, r, scaling, *, backend=None, bases=None, stored_rows=None, **o: _gradient.lora_one_init(
+        W, r, scaling, backend=backend, **o),
     residual=False, needs_data=True,
     description="LoRA-One: SVD of the negative one-step full gradient, sqrt(S)/sqrt(sigma1*gamma) split; W untouched",
     options={"scale": _opt.choice(*_gradient.LORA_ONE_SCALES), "gamma": _opt.positive_real(),
@@ -227,7 +227,7 @@ register(Method(
     description="LoRA-GA (peft's): top-2r gradient SVD split between A and B, scaled; residual in W",
     options={"direction": _opt.choice(*_gradient.LORA_GA_DIRECTIONS), "scale": _opt.choice(*_gradient.LORA_GA_SCALES),
              "stable_gamma": _opt.positive_real(), "solver": _opt.choice(*_gradient.SOLVERS),
-             "lora_ga_config": _lora_ga_config},
+             "stable_dim": _opt.choice("stored", "out"), "lora_ga_config": _lora_ga_config},
     check=lambda shape, r, **o: _gradient.check_lora_ga_rank(shape, r),
     reference="peft LoraLayer.lora_ga_init + loraga.py; arXiv 2407.05000"))
 

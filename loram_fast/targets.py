@@ -15,6 +15,8 @@ from torch import nn
 from .registry import Method
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# quantized weights: recognised by the parameter class (bitsandbytes), the dtype, or a ``quant_state`` attribute
+# (what peft's LoRA-GA looks for)
 _QUANTIZED_PARAMS = ("Params4bit", "Int8Params")
 
 
@@ -111,7 +113,7 @@ def validate(method: Method, target: LoraTarget, adapter: str, options: dict, *,
     if W.device.type == "meta":
         raise ValueError(f"loram_fast: the base weight of {where} is on the meta device (offloaded or not yet "
                          "loaded); load the weights onto a real device before initialising")
-    if type(W).__name__ in _QUANTIZED_PARAMS or W.dtype not in _FLOAT_DTYPES:
+    if type(W).__name__ in _QUANTIZED_PARAMS or W.dtype not in _FLOAT_DTYPES or hasattr(W, "quant_state"):
         raise TypeError(f"loram_fast: the base weight of {where} has dtype {W.dtype} ({type(W).__name__}); method "
                         f"{method.name!r} needs an fp32, fp16 or bf16 weight. Initialise on the unquantized model "
                         "and quantize the residual afterwards.")

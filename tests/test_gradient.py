@@ -198,3 +198,98 @@ def test_hook_without_data_falls_back(llama_base, caplog):
     assert any("needs data" in r.getMessage() for r in caplog.records)
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert layer.lora_B["default"].weight.abs().max() == 0
+
+
+def _exact_lowrank(monkeypatch):
+    def exact_lowrank(A, q=6, niter=2, M=None):
+        U, S, Vh = torch.linalg.svd(A.double(), full_matrices=False)
+        return U[:, :q].float(), S[:q].float(), Vh[:q].T.float()
+
+    import peft.tuners.lora.layer as peft_layer
+
+    monkeypatch.setattr(torch, "svd_lowrank", exact_lowrank)
+    monkeypatch.setattr(peft_layer, "svd_lowrank", exact_lowrank, raising=False)
+
+
+def _peft_lora_ga(base, cfg, train_step_of):
+    from peft.tuners.lora.loraga import preprocess_loraga
+
+    theirs = copy.deepcopy(base)
+    preprocess_loraga(theirs, cfg, train_step_of(theirs))
+    return get_peft_model(theirs, cfg)
+
+
+def _same_products(theirs, ours, tol):
+    lt, lo = _layers(theirs), _layers(ours)
+    assert lt
+    for name in lt:
+        BAt = lt[name].lora_B["default"].weight.double() @ lt[name].lora_A["default"].weight.double()
+        BAo = lo[name].lora_B["default"].weight.double() @ lo[name].lora_A["default"].weight.double()
+        assert relative_error(BAo, BAt) <= tol, name
+        assert relative_error(lo[name].base_layer.weight, lt[name].base_layer.weight) <= tol, name
+
+
+def test_lora_ga_stable_scale_on_conv1d_follows_peft(monkeypatch):
+    """peft scales by the first dimension of the weight as stored (in for GPT-2 Conv1D): ours by default;
+    stable_dim="out" uses the output dimension, a factor (out/in)^¼ on B."""
+    from peft import LoraGAConfig
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)  # no dropout: both sides must see the same gradient
+    gpt2_base = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=48, n_layer=1, n_head=4, n_positions=64,
+                                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).eval()
+
+    _exact_lowrank(monkeypatch)
+    g = torch.Generator().manual_seed(3)
+    batches = [{"input_ids": (t := torch.randint(0, 128, (2, 10), generator=g)), "labels": t} for _ in range(2)]
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights="lora_ga",
+                     lora_ga_config=LoraGAConfig(scale="stable"))
+
+    def step_of(m):
+        return lambda: [m(**b).loss.backward() for b in batches]
+
+    theirs = _peft_lora_ga(gpt2_base, cfg, step_of)
+    ours = get_peft_model(copy.deepcopy(gpt2_base), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"],
+                                                               fan_in_fan_out=True))
+    loram_fast.init_model(ours, "lora_ga", dataloader=batches, scale="stable", progress=False)
+    _same_products(theirs, ours, 1e-4)
+    out_dim = get_peft_model(copy.deepcopy(gpt2_base), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"],
+                                                                  fan_in_fan_out=True))
+    loram_fast.init_model(out_dim, "lora_ga", dataloader=batches, scale="stable", stable_dim="out", progress=False)
+    for name, layer in _layers(out_dim).items():
+        ratio = layer.lora_B["default"].weight.norm() / _layers(ours)[name].lora_B["default"].weight.norm()
+        assert float(ratio) == pytest.approx((144 / 48) ** 0.25, rel=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_ga_train_step_with_zero_grad_follows_peft(llama_base, batches, monkeypatch, dtype):
+    """peft's train_step convention: .grad at the end (a zero_grad() inside clears what came before; accumulated in
+    the weight's dtype) divided by the number of backward passes."""
+    from peft import LoraGAConfig
+
+    _exact_lowrank(monkeypatch)
+    base = copy.deepcopy(llama_base).to(dtype)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="lora_ga",
+                     lora_ga_config=LoraGAConfig())
+
+    def step_of(m):
+        def step():
+            for i, b in enumerate(batches):
+                if i == 1:
+                    m.zero_grad()
+                m(**b).loss.backward()
+        return step
+
+    theirs = _peft_lora_ga(base, cfg, step_of)
+    ours = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    loram_fast.init_model(ours, "lora_ga", train_step=step_of(ours), progress=False)
+    _same_products(theirs, ours, 1e-4 if dtype == torch.float32 else 1e-2)
+
+
+def test_quant_state_weights_are_refused(llama):
+    model = _peft(llama)
+    W = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
+    W.quant_state = object()  # what peft's LoRA-GA looks for on a quantized weight
+    with pytest.raises(TypeError, match="q_proj.*quantize the residual afterwards"):
+        loram_fast.init_model(model, "lora_ga", dataloader=[{"input_ids": torch.zeros(1, 4, dtype=torch.long)}],
+                              progress=False)

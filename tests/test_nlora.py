@@ -144,3 +144,69 @@ def test_errors(llama_base):
     emb = _peft(llama_base, target_modules=["embed_tokens"])
     with pytest.raises(NotImplementedError):
         loram_fast.init_model(emb, "nlora", progress=False)
+
+
+# -- peft's functions that read an adapter's delta see s·B N A (issue: get_delta_weight left N out) -------------
+
+def _delta(layer, adapter="default"):
+    A, B, N = (getattr(layer, n)[adapter].weight.double() for n in ("lora_A", "lora_B", "lora_N"))
+    return layer.scaling[adapter] * B @ N @ A
+
+
+def _three_matrix_layers(model, adapter="default"):
+    return [(n, m) for n, m in model.named_modules() if adapter in getattr(m, "lora_N", {})]
+
+
+@pytest.mark.parametrize("method", ["nlora", "slora", "inttune"])
+def test_get_delta_weight_includes_the_middle_matrix(llama_base, method):
+    model = _peft(llama_base)
+    loram_fast.init_model(model, method, progress=False)
+    perturb_adapters(model, seed=4)  # B is zero for slora until trained
+    layers = _three_matrix_layers(model)
+    assert layers
+    for name, layer in layers:
+        assert relative_error(layer.get_delta_weight("default"), _delta(layer)) <= 1e-6, name
+
+
+@pytest.mark.parametrize("method", ["nlora", "inttune"])
+def test_merge_and_unload_and_weighted_adapters_use_b_n_a(llama_base, tokens, method):
+    model = _peft(llama_base)
+    loram_fast.init_model(model, method, progress=False)
+    perturb_adapters(model, seed=5)
+    # add_weighted_adapter with an SVD combination reads get_delta_weight: rank 2r holds both B N A exactly
+    model.add_adapter("second", LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS))
+    loram_fast.init_model(model, "nlora", adapter_name="second", progress=False)
+    perturb_adapters(model, seed=7)
+    model.add_weighted_adapter(["default", "second"], [0.7, 0.4], "combined", combination_type="svd", svd_rank=8)
+    for name, layer in _three_matrix_layers(model):
+        combined = layer.get_delta_weight("combined").double()
+        expect_delta = 0.7 * _delta(layer) + 0.4 * _delta(layer, "second")
+        assert relative_error(combined, expect_delta) <= 1e-4, name
+    for kind, adapters in [("cat", ["default", "second"]), ("svd", ["default"])]:  # one adapter: peft's "linear"
+        with pytest.raises(NotImplementedError, match="middle matrix"):
+            model.add_weighted_adapter(adapters, [1.0] * len(adapters), "x", combination_type=kind)
+    model.set_adapter("default")
+    y = logits(model, tokens)
+    expect = {n: (l.base_layer.weight.double() + _delta(l)) for n, l in _three_matrix_layers(model)}
+    for a in ("second", "combined"):
+        model.delete_adapter(a)
+    merged = copy.deepcopy(model).merge_and_unload()
+    for name, W in expect.items():
+        plain = name.replace("base_model.model.", "", 1)
+        assert relative_error(merged.get_submodule(plain).weight, W) <= 1e-6, name
+    assert relative_error(logits(merged, tokens), y) <= 1e-5
+
+
+def test_convert_to_lora_keeps_the_middle_matrix(llama_base, tokens):
+    from peft.tuners.lora.conversion import convert_to_lora
+
+    model = _peft(llama_base)
+    loram_fast.init_model(model, "nlora", progress=False)
+    perturb_adapters(model, seed=6)
+    config, state_dict = convert_to_lora(model, rank=8)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    key = next(k for k in state_dict if "layers.0.self_attn.q_proj.lora_A" in k)
+    A = state_dict[key].double()
+    B = state_dict[key.replace("lora_A", "lora_B")].double()
+    scale = config.lora_alpha / config.r
+    assert relative_error(scale * B @ A, _delta(layer)) <= 1e-4

@@ -97,8 +97,13 @@ def lora_one_init(W: torch.Tensor, r: int, scaling: float, *, grad: torch.Tensor
 
 def lora_ga_init(W: torch.Tensor, r: int, scaling: float, *, grad: torch.Tensor, direction: str = "ArB2r",
                  scale: str = "stable", stable_gamma: float = 16, solver: str = "svd_lowrank", backend=None,
-                 generator: torch.Generator | None = None) -> LayerInit:
-    """peft's LoRA-GA adapters from the gradient G (out×in) of W (out×in); residual from dtype-rounded A, B."""
+                 generator: torch.Generator | None = None, stable_dim: str = "stored",
+                 stored_rows: int | None = None) -> LayerInit:
+    """peft's LoRA-GA adapters from the gradient G (out×in) of W (out×in); residual from dtype-rounded A, B.
+
+    ``scale="stable"`` multiplies B by ``d^¼/√γ`` with ``d`` the first dimension of the weight as stored
+    (``stable_dim="stored"``, peft's choice; ``stored_rows``, when the stored layout is in×out as for GPT-2
+    ``Conv1D``) or the output dimension (``stable_dim="out"``)."""
     if direction not in LORA_GA_DIRECTIONS:
         raise ValueError(f"loram_fast.lora_ga: unknown direction {direction!r}; valid: ArBr, A2rBr, ArB2r, random")
     if scale not in LORA_GA_SCALES:
@@ -116,7 +121,8 @@ def lora_ga_init(W: torch.Tensor, r: int, scaling: float, *, grad: torch.Tensor,
     S_B = S[idx_b]
     B = U[:, idx_b] @ torch.diag(S_B)
     if scale == "stable":
-        B = B * (W.shape[0] ** 0.25 / stable_gamma ** 0.5)
+        rows = W.shape[0] if stable_dim == "out" or stored_rows is None else stored_rows
+        B = B * (rows ** 0.25 / stable_gamma ** 0.5)
     elif scale == "weight_svd":
         _, S_w, _ = top_svd(W.float(), r, solver=solver, niter=4, q=r, backend=backend)
         if S_B[0] > 0:
