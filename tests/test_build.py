@@ -146,3 +146,13 @@ def test_required_backend_fails_instead_of_skipping():
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode != 0
     assert "required (LORAM_FAST_REQUIRE) but unavailable" in run.stdout
+
+
+def test_selfcheck_without_a_gpu_says_so_and_passes(capsys):
+    from loram_fast import selfcheck
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: selfcheck runs the full GPU verification there")
+    assert selfcheck.main(["--device", "cuda"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "no CUDA device" in out[0]
