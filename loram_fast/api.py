@@ -88,6 +88,26 @@ def _check_previous_init(spec: Method, targets, adapter, config) -> None:
                              f"LoraConfig(init_lora_weights={spec.name!r}) directly")
 
 
+def _gradient_estimator(model, spec: Method, targets, data: dict, progress: bool):
+    """A callable giving each layer's gradient; the transaction calls it after earlier residuals are put back."""
+    from .data import estimate_gradients
+
+    if "gradient_mode" in data:
+        data["mode"] = data.pop("gradient_mode")
+
+    def gradients():
+        start = time.perf_counter()
+        grads = estimate_gradients(model, [t.weight for t in targets], [t.fan_in_fan_out for t in targets],
+                                   [t.layer for t in targets], base_layers=[t.layer.get_base_layer() for t in targets],
+                                   names=[t.name for t in targets], progress=progress,
+                                   desc=f"loram_fast {spec.name}: gradients", **data)
+        logger.info("loram_fast %s: estimated %d gradients in %.3f s", spec.name, len(grads),
+                    time.perf_counter() - start)
+        return [{"grad": g, "stored_rows": int(t.weight.shape[0])} for g, t in zip(grads, targets)]
+
+    return gradients
+
+
 def init_model(model: nn.Module, method: str = "loram", **kwargs) -> nn.Module:
     """Re-initialise every LoRA layer of ``adapter_name`` (default: the active adapter) with ``method``.
 
@@ -146,29 +166,13 @@ def init_model(model: nn.Module, method: str = "loram", **kwargs) -> nn.Module:
     _check_previous_init(spec, targets, adapter, config)
     _load_backends()
 
-    per_layer = None
-    if spec.needs_data:
-        from .data import estimate_gradients
-
-        if "gradient_mode" in data:
-            data["mode"] = data.pop("gradient_mode")
-
-        def per_layer():
-            start = time.perf_counter()
-            grads = estimate_gradients(model, [t.weight for t in targets], [t.fan_in_fan_out for t in targets],
-                                       [t.layer for t in targets],
-                                       base_layers=[t.layer.get_base_layer() for t in targets],
-                                       names=[t.name for t in targets], progress=progress,
-                                       desc=f"loram_fast {spec.name}: gradients", **data)
-            logger.info("loram_fast %s: estimated %d gradients in %.3f s", spec.name, len(grads),
-                        time.perf_counter() - start)
-            return [{"grad": g, "stored_rows": int(t.weight.shape[0])} for g, t in zip(grads, targets)]
+    gradients = _gradient_estimator(model, spec, targets, data, progress) if spec.needs_data else None
 
     record = format_init_string(spec.name, _recorded_options(spec, options, rounded_residual))
     transaction = Transaction(adapter, config=config, record=record, rounded_residual=rounded_residual,
                               snapshot_device=call.get("snapshot_device"), backend=backend)
     compute_and_write(spec, targets, options, transaction, backend=backend, progress=progress,
-                      per_layer=per_layer)
+                      per_layer=gradients)
     return model
 
 

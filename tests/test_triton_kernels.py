@@ -7,7 +7,7 @@ from conftest import relative_error, require_backend, ulp_close
 
 require_backend("triton")  # conftest.py sets TRITON_INTERPRET=1 on machines without CUDA
 
-from loram_fast.ops import (dispatch, dst_basis, dst_basis_batched, loram_residual_, lowrank_update_, matmul_f32,  # noqa: E402
+from loram_fast.ops import (dst_basis, dst_basis_batched, loram_residual_, lowrank_update_, matmul_f32,  # noqa: E402
                             scaled_basis,  # noqa: E402
                             weight_moments)
 

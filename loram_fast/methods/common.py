@@ -10,7 +10,9 @@ from typing import Optional
 
 import torch
 
-from ..ops.residual import BasisResidual, LowRankResidual, Residual  # noqa: F401  (re-exported for methods)
+from ..ops.residual import BasisResidual, LowRankResidual, Residual
+
+__all__ = ["LayerInit", "product_residual", "BasisResidual", "LowRankResidual", "Residual"]
 
 
 @dataclass
