@@ -10,6 +10,7 @@ the residual on the original base (peft runs the init, then loads the trained A 
 """
 from __future__ import annotations
 
+import contextvars
 import functools
 import logging
 
@@ -39,6 +40,7 @@ def install(take_over_peft_inits: bool = False) -> None:
     from .peft_variant import install_delta_weight
 
     install_delta_weight()
+    _track_injected_model()
     if installed():
         return
     original = LoraLayer.reset_lora_parameters
@@ -74,6 +76,47 @@ def install(take_over_peft_inits: bool = False) -> None:
 
 
 _WARNED: set = set()
+# the model peft is injecting adapters into (set around BaseTuner.inject_adapter): lets the hook see weights that
+# the layer's base weight shares with other parameters (tied embeddings)
+_INJECTING: contextvars.ContextVar = contextvars.ContextVar("loram_fast_injecting", default=None)
+
+
+def _track_injected_model() -> None:
+    from peft.tuners.tuners_utils import BaseTuner
+
+    if getattr(BaseTuner.inject_adapter, _MARK, False):
+        return
+    original = BaseTuner.inject_adapter
+
+    @functools.wraps(original)
+    def inject_adapter(self, model, *args, **kwargs):
+        token = _INJECTING.set({"model": model, "storages": None})
+        try:
+            return original(self, model, *args, **kwargs)
+        finally:
+            _INJECTING.reset(token)
+
+    setattr(inject_adapter, _MARK, True)
+    inject_adapter.__wrapped_original__ = original
+    BaseTuner.inject_adapter = inject_adapter
+
+
+def _tied_users(layer) -> list[str]:
+    """Other parameters of the model being injected that share ``layer``'s base weight storage."""
+    state = _INJECTING.get()
+    W = layer.get_base_layer().weight
+    if state is None or W.device.type == "meta":
+        return []
+    if state["storages"] is None:
+        storages: dict = {}
+        for name, p in state["model"].named_parameters(remove_duplicate=False):
+            if p.device.type != "meta":
+                storages.setdefault(p.untyped_storage().data_ptr(), []).append((name, p))
+        state["storages"] = storages
+    group = state["storages"].get(W.untyped_storage().data_ptr(), [])
+    # the weight under its own name is one entry; any second name (the same tensor tied elsewhere, or another
+    # tensor on its storage) is another user
+    return [name for name, _ in group] if len(group) > 1 else []
 
 
 def _warn_once(name: str, adapter_name: str) -> None:
@@ -98,12 +141,15 @@ def init_layer(layer, adapter_name: str, method: str, **options) -> None:
     options = opt.validate(options, spec.options, f"method {spec.name!r}")
     target = make_target(layer, adapter_name)
     validate(spec, target, adapter_name, options, in_init_model=False)
-    others = [a for a in layer.r if a != adapter_name]
+    others = [f"adapter {a!r}" for a in layer.r if a != adapter_name]
+    if spec.writes_residual(options):
+        tied = _tied_users(layer)
+        others += [f"the tied parameters {', '.join(map(repr, tied))}"] if tied else []
     if others and spec.writes_residual(options):
         raise ValueError(f"loram_fast: method {spec.name!r} writes a residual into the base weight of "
-                         f"{target.describe()}, which adapter(s) {', '.join(map(repr, others))} also use: their "
-                         "output would change. Use a separate copy of the base model, or "
-                         "init_model(..., allow_shared_base=True) to accept it")
+                         f"{target.describe()}, which {', '.join(others)} also use(s): their "
+                         "output would change. Use a separate copy of the base model, leave the module out of "
+                         "target_modules, or init_model(..., allow_shared_base=True) to accept it")
     compute_and_write(spec, [target], options, Transaction(adapter_name, rounded_residual=rounded), progress=False)
 
 
@@ -134,10 +180,13 @@ def uninstall() -> None:
     """Restore peft's original methods."""
     from peft.tuners.lora import LoraLayer
 
-    for attr in ("reset_lora_parameters", "pissa_init", "olora_init"):
-        fn = getattr(LoraLayer, attr)
+    from peft.tuners.tuners_utils import BaseTuner
+
+    for owner, attr in ((LoraLayer, "reset_lora_parameters"), (LoraLayer, "pissa_init"), (LoraLayer, "olora_init"),
+                        (BaseTuner, "inject_adapter")):
+        fn = getattr(owner, attr)
         if getattr(fn, _MARK, False):
-            setattr(LoraLayer, attr, fn.__wrapped_original__)
+            setattr(owner, attr, fn.__wrapped_original__)
     from .peft_variant import uninstall_delta_weight
 
     uninstall_delta_weight()

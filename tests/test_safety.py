@@ -255,6 +255,9 @@ def test_tied_lm_head_is_refused_for_residual_methods(tokens):
     with pytest.raises(ValueError, match="lm_head.*embed_tokens.*allow_shared_base"):
         loram_fast.init_model(model, "loram", progress=False)
     assert_same(model, before)
+    with pytest.raises(ValueError, match="tied parameters 'model.embed_tokens.weight', 'lm_head.weight'"):
+        # the LoraConfig route sees the tie too
+        _peft(_tied_llama(), ["q_proj", "lm_head"], init_lora_weights="loram")
     loram_fast.init_model(model, "nlora", progress=False)  # W untouched: nothing shared is changed
     y0 = logits(model, tokens)
     loram_fast.init_model(model, "loram", progress=False, allow_shared_base=True)  # accepted on request
@@ -269,7 +272,7 @@ def test_other_adapter_on_the_same_base_is_refused(llama_base, tokens):
     with pytest.raises(ValueError, match="adapter 'default' also use"):
         loram_fast.init_model(model, "pissa", adapter_name="b", progress=False)
     assert_same(model, before)
-    with pytest.raises(ValueError, match="adapter\\(s\\) 'default', 'b' also use"):
+    with pytest.raises(ValueError, match="adapter 'default', adapter 'b' also use"):
         model.add_adapter("c", LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="loram"))
     loram_fast.init_model(model, "nlora", adapter_name="b", progress=False)  # W untouched: fine
 
