@@ -18,8 +18,9 @@ from torch import nn
 from . import options as opt
 from .compute import compute_and_write
 from .ops.dispatch import BACKENDS
-from .registry import Method, format_init_string, get_method, parse_init_string
-from .targets import default_adapter, find_lora_layers, other_weight_users, validate, writes_peft_residual
+from .registry import Method, format_init_string, get_method, lora_ga_options, parse_init_string
+from .targets import (default_adapter, find_lora_layers, other_weight_users, shared_base_error, validate,
+                      writes_peft_residual)
 from .transaction import Transaction, residual_record
 
 logger = logging.getLogger(__name__)
@@ -47,11 +48,7 @@ def _device(name, value):
 
 def _recorded_options(method: Method, options: dict, rounded_residual: bool) -> dict:
     """The options that change the result, for the init string recorded in the peft config."""
-    options = dict(options)
-    config = options.pop("lora_ga_config", None)
-    if config is not None:
-        for key in ("direction", "scale", "stable_gamma"):
-            options.setdefault(key, getattr(config, key))
+    options = lora_ga_options(**options)
     if rounded_residual and method.writes_residual(options):
         options["rounded_residual"] = True
     return options
@@ -62,17 +59,14 @@ def _peft_config(model: nn.Module, adapter: str):
     return configs.get(adapter) if isinstance(configs, dict) else None
 
 
-def _check_bases(model, spec: Method, targets, adapter, options, config, allow_shared_base: bool) -> None:
+def _check_bases(model, spec: Method, targets, adapter, options, allow_shared_base: bool) -> None:
     """Refuse base weights a residual must not be written into (see README, "Safety")."""
     if not spec.writes_residual(options) or allow_shared_base:
         return
     users = other_weight_users(model, targets, adapter)
     if users:
         i, who = next(iter(users.items()))
-        raise ValueError(f"loram_fast: method {spec.name!r} writes a residual into the base weight of "
-                         f"{targets[i].describe()}, which {', '.join(who)} also use(s): their output would change "
-                         f"too. Leave the module out of target_modules, or pass allow_shared_base=True to accept it"
-                         + (f" ({len(users)} module(s) affected)" if len(users) > 1 else ""))
+        raise shared_base_error(spec.name, targets[i], who, affected=len(users))
 
 
 def _check_previous_init(spec: Method, targets, adapter, config) -> None:
@@ -162,7 +156,7 @@ def init_model(model: nn.Module, method: str = "loram", **kwargs) -> nn.Module:
     for t in targets:
         validate(spec, t, adapter, options)
     config = _peft_config(model, adapter)
-    _check_bases(model, spec, targets, adapter, options, config, call.get("allow_shared_base", False))
+    _check_bases(model, spec, targets, adapter, options, call.get("allow_shared_base", False))
     _check_previous_init(spec, targets, adapter, config)
     _load_backends()
 
@@ -171,8 +165,7 @@ def init_model(model: nn.Module, method: str = "loram", **kwargs) -> nn.Module:
     record = format_init_string(spec.name, _recorded_options(spec, options, rounded_residual))
     transaction = Transaction(adapter, config=config, record=record, rounded_residual=rounded_residual,
                               snapshot_device=call.get("snapshot_device"), backend=backend)
-    compute_and_write(spec, targets, options, transaction, backend=backend, progress=progress,
-                      per_layer=gradients)
+    compute_and_write(spec, targets, options, transaction, progress=progress, per_layer=gradients)
     return model
 
 

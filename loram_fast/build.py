@@ -61,8 +61,8 @@ def _openmp() -> list[str]:
 
 
 def sources(cuda: bool = False) -> list[str]:
-    """C++ sources (``csrc/*.cpp``, ``csrc/cpu/*.cpp``), plus ``csrc/cuda/*.cu`` with ``cuda``; relative to the
-    repository root when ``CSRC`` is below the working directory (what setuptools wants), else absolute."""
+    """Absolute paths of the C++ sources (``csrc/*.cpp``, ``csrc/cpu/*.cpp``), plus ``csrc/cuda/*.cu`` with
+    ``cuda`` (setup.py makes them relative to the repository root, as setuptools wants)."""
     files = sorted(CSRC.glob("*.cpp")) + sorted((CSRC / "cpu").glob("*.cpp"))
     if cuda:
         files += sorted((CSRC / "cuda").glob("*.cu"))

@@ -58,9 +58,10 @@ def _culprits(targets, idx, views) -> str:
 
 
 def compute_and_write(spec: Method, targets: list[LoraTarget], options: dict, transaction: Transaction, *,
-                      backend=None, progress=True, per_layer: Optional[Callable[[], list[dict]]] = None) -> None:
+                      progress=True, per_layer: Optional[Callable[[], list[dict]]] = None) -> None:
     """In ``transaction``: put back earlier residuals, compute every target's init (``per_layer()`` first gives
-    each layer's extra inputs, e.g. gradients, from the restored model), then write them all."""
+    each layer's extra inputs, e.g. gradients, from the restored model), then write them all. The kernels run on
+    ``transaction.backend``."""
     bar = tqdm(total=2 * len(targets), desc=f"loram_fast {spec.name}", disable=not progress or not targets,
                unit="layer", leave=False)
     try:
@@ -70,7 +71,7 @@ def compute_and_write(spec: Method, targets: list[LoraTarget], options: dict, tr
                 transaction.fold_back(t)
             extra = per_layer() if per_layer is not None else None
             bar.set_postfix_str("compute")
-            inits = compute(spec, targets, options, backend, bar, extra)
+            inits = compute(spec, targets, options, transaction.backend, bar, extra)
             logger.info("loram_fast %s: computed %d layers in %.3f s", spec.name, len(targets),
                         time.perf_counter() - start)
             bar.set_postfix_str("write")

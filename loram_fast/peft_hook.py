@@ -11,20 +11,18 @@ the residual on the original base (peft runs the init, then loads the trained A 
 from __future__ import annotations
 
 import contextvars
-import functools
 import logging
 
+from ._patch import is_patched, patch, unpatch
 from .registry import get_method, parse_init_string
+from .targets import parameters_by_storage
 
 logger = logging.getLogger(__name__)
-
-_MARK = "_loram_fast_hook"
-
 
 def installed() -> bool:
     from peft.tuners.lora import LoraLayer
 
-    return getattr(LoraLayer.reset_lora_parameters, _MARK, False)
+    return is_patched(LoraLayer, "reset_lora_parameters")
 
 
 def install(take_over_peft_inits: bool = False) -> None:
@@ -34,18 +32,19 @@ def install(take_over_peft_inits: bool = False) -> None:
     loram_fast (same results; batched exact SVD, our randomized SVD with oversampling, panel QR). Off by
     default: peft's own methods stay peft's. Quantized (bitsandbytes) weights still go to peft's code."""
     from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTuner
+
+    from .peft_variant import install_delta_weight
 
     if take_over_peft_inits:
         _take_over(LoraLayer)
-    from .peft_variant import install_delta_weight
-
     install_delta_weight()
-    _track_injected_model()
-    if installed():
-        return
-    original = LoraLayer.reset_lora_parameters
+    patch(BaseTuner, "inject_adapter", _make_inject_adapter)
+    patch(LoraLayer, "reset_lora_parameters", _make_reset_lora_parameters)
+    logger.debug("loram_fast: peft hook installed")
 
-    @functools.wraps(original)
+
+def _make_reset_lora_parameters(original):
     def reset_lora_parameters(self, adapter_name, init_lora_weights, *args, **kwargs):
         parsed = parse_init_string(init_lora_weights)
         if parsed is None:
@@ -53,7 +52,7 @@ def install(take_over_peft_inits: bool = False) -> None:
         name, options, recorded = parsed
         spec = get_method(name)
         if spec.needs_data:
-            if spec.writes_residual(options) or name == "lora_ga":
+            if spec.writes_residual(options):
                 raise ValueError(f"loram_fast: adapter {adapter_name!r} was initialised by {name!r}, whose residual in "
                                  "the base weight came from training data and cannot be rebuilt here. Save it as a "
                                  "plain LoRA instead (save_pretrained(..., path_initial_model_for_weight_conversion="
@@ -69,26 +68,16 @@ def install(take_over_peft_inits: bool = False) -> None:
             return None
         return init_layer(self, adapter_name, name, **options)
 
-    setattr(reset_lora_parameters, _MARK, True)
-    reset_lora_parameters.__wrapped_original__ = original
-    LoraLayer.reset_lora_parameters = reset_lora_parameters
-    logger.debug("loram_fast: peft hook installed")
+    return reset_lora_parameters
 
 
 _WARNED: set = set()
-# the model peft is injecting adapters into (set around BaseTuner.inject_adapter): lets the hook see weights that
-# the layer's base weight shares with other parameters (tied embeddings)
+# the model peft is injecting adapters into (set around BaseTuner.inject_adapter), with its parameters grouped by
+# storage on first use: lets the hook see weights that a layer's base weight shares (tied embeddings)
 _INJECTING: contextvars.ContextVar = contextvars.ContextVar("loram_fast_injecting", default=None)
 
 
-def _track_injected_model() -> None:
-    from peft.tuners.tuners_utils import BaseTuner
-
-    if getattr(BaseTuner.inject_adapter, _MARK, False):
-        return
-    original = BaseTuner.inject_adapter
-
-    @functools.wraps(original)
+def _make_inject_adapter(original):
     def inject_adapter(self, model, *args, **kwargs):
         token = _INJECTING.set({"model": model, "storages": None})
         try:
@@ -96,27 +85,17 @@ def _track_injected_model() -> None:
         finally:
             _INJECTING.reset(token)
 
-    setattr(inject_adapter, _MARK, True)
-    inject_adapter.__wrapped_original__ = original
-    BaseTuner.inject_adapter = inject_adapter
+    return inject_adapter
 
 
-def _tied_users(layer) -> list[str]:
-    """Other parameters of the model being injected that share ``layer``'s base weight storage."""
+def _storages() -> dict:
+    """The parameters of the model being injected, grouped by storage (empty outside an injection)."""
     state = _INJECTING.get()
-    W = layer.get_base_layer().weight
-    if state is None or W.device.type == "meta":
-        return []
+    if state is None:
+        return {}
     if state["storages"] is None:
-        storages: dict = {}
-        for name, p in state["model"].named_parameters(remove_duplicate=False):
-            if p.device.type != "meta":
-                storages.setdefault(p.untyped_storage().data_ptr(), []).append((name, p))
-        state["storages"] = storages
-    group = state["storages"].get(W.untyped_storage().data_ptr(), [])
-    # the weight under its own name is one entry; any second name (the same tensor tied elsewhere, or another
-    # tensor on its storage) is another user
-    return [name for name, _ in group] if len(group) > 1 else []
+        state["storages"] = parameters_by_storage(state["model"])
+    return state["storages"]
 
 
 def _warn_once(name: str, adapter_name: str) -> None:
@@ -133,7 +112,7 @@ def init_layer(layer, adapter_name: str, method: str, **options) -> None:
     computed and written in one transaction, like ``init_model`` for a single layer."""
     from . import options as opt
     from .compute import compute_and_write
-    from .targets import make_target, validate
+    from .targets import make_target, shared_base_error, validate, weight_users
     from .transaction import Transaction
 
     spec = get_method(method)
@@ -141,34 +120,25 @@ def init_layer(layer, adapter_name: str, method: str, **options) -> None:
     options = opt.validate(options, spec.options, f"method {spec.name!r}")
     target = make_target(layer, adapter_name)
     validate(spec, target, adapter_name, options, in_init_model=False)
-    others = [f"adapter {a!r}" for a in layer.r if a != adapter_name]
     if spec.writes_residual(options):
-        tied = _tied_users(layer)
-        others += [f"the tied parameters {', '.join(map(repr, tied))}"] if tied else []
-    if others and spec.writes_residual(options):
-        raise ValueError(f"loram_fast: method {spec.name!r} writes a residual into the base weight of "
-                         f"{target.describe()}, which {', '.join(others)} also use(s): their "
-                         "output would change. Use a separate copy of the base model, leave the module out of "
-                         "target_modules, or init_model(..., allow_shared_base=True) to accept it")
+        users = weight_users(target, adapter_name, _storages())
+        if users:
+            raise shared_base_error(spec.name, target, users)
     compute_and_write(spec, [target], options, Transaction(adapter_name, rounded_residual=rounded), progress=False)
 
 
 def _take_over(LoraLayer) -> None:
     def route(attr: str, method_of):
-        original = getattr(LoraLayer, attr)
-        if getattr(original, _MARK, False):
-            return
+        def make(original):
+            def wrapper(self, adapter_name, *args, **kwargs):
+                weight = self.get_base_layer().weight
+                if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16) or weight.device.type == "meta":
+                    return original(self, adapter_name, *args, **kwargs)
+                return init_layer(self, adapter_name, method_of(*args))
 
-        @functools.wraps(original)
-        def wrapper(self, adapter_name, *args, **kwargs):
-            weight = self.get_base_layer().weight
-            if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16) or weight.device.type == "meta":
-                return original(self, adapter_name, *args, **kwargs)
-            return init_layer(self, adapter_name, method_of(*args))
+            return wrapper
 
-        setattr(wrapper, _MARK, True)
-        wrapper.__wrapped_original__ = original
-        setattr(LoraLayer, attr, wrapper)
+        patch(LoraLayer, attr, make)
 
     import torch
 
@@ -179,14 +149,11 @@ def _take_over(LoraLayer) -> None:
 def uninstall() -> None:
     """Restore peft's original methods."""
     from peft.tuners.lora import LoraLayer
-
     from peft.tuners.tuners_utils import BaseTuner
+
+    from .peft_variant import uninstall_delta_weight
 
     for owner, attr in ((LoraLayer, "reset_lora_parameters"), (LoraLayer, "pissa_init"), (LoraLayer, "olora_init"),
                         (BaseTuner, "inject_adapter")):
-        fn = getattr(owner, attr)
-        if getattr(fn, _MARK, False):
-            setattr(owner, attr, fn.__wrapped_original__)
-    from .peft_variant import uninstall_delta_weight
-
+        unpatch(owner, attr)
     uninstall_delta_weight()

@@ -10,12 +10,11 @@ adds ``s·B N A``. Weights that must not train (IntTune's A and B) are declared 
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 from peft.tuners.lora.layer import LoraVariant
 from torch import nn
 
+from ._patch import patch, unpatch
 from .registry import parse_init_string
 
 
@@ -101,7 +100,6 @@ def set_frozen(layer, adapter_name: str, names) -> None:
         getattr(layer, name)[adapter_name].weight.requires_grad_(False)
 
 
-_MARK = "_loram_fast_middle"
 # peft's add_weighted_adapter combinations built from get_delta_weight; the others concatenate or mix A and B
 # directly and cannot carry N
 _DELTA_COMBINATIONS = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
@@ -118,23 +116,15 @@ def install_delta_weight() -> None:
     from peft.tuners.lora import LoraModel
     from peft.tuners.lora.layer import Linear
 
-    if not getattr(Linear.get_delta_weight, _MARK, False):
-        original = Linear.get_delta_weight
-
-        @functools.wraps(original)
+    def make_get_delta_weight(original):
         def get_delta_weight(self, adapter, *args, **kwargs):
             if has_middle(self, adapter):
                 return middle_delta(self, adapter).to(self.lora_B[adapter].weight.dtype)
             return original(self, adapter, *args, **kwargs)
 
-        get_delta_weight.__wrapped_original__ = original
-        setattr(get_delta_weight, _MARK, True)
-        Linear.get_delta_weight = get_delta_weight
+        return get_delta_weight
 
-    if not getattr(LoraModel.add_weighted_adapter, _MARK, False):
-        original_add = LoraModel.add_weighted_adapter
-
-        @functools.wraps(original_add)
+    def make_add_weighted_adapter(original):
         def add_weighted_adapter(self, adapters, weights, adapter_name, combination_type="svd", *args, **kwargs):
             # peft turns any combination of a single adapter into "linear"
             effective = "linear" if len(adapters) == 1 else combination_type
@@ -153,21 +143,20 @@ def install_delta_weight() -> None:
                 for c in configs:
                     if parse_init_string(c.init_lora_weights) is not None:
                         c.init_lora_weights = True
-                return original_add(self, adapters, weights, adapter_name, combination_type, *args, **kwargs)
+                return original(self, adapters, weights, adapter_name, combination_type, *args, **kwargs)
             finally:
                 for c, value in zip(configs, saved):
                     c.init_lora_weights = value
 
-        add_weighted_adapter.__wrapped_original__ = original_add
-        setattr(add_weighted_adapter, _MARK, True)
-        LoraModel.add_weighted_adapter = add_weighted_adapter
+        return add_weighted_adapter
+
+    patch(Linear, "get_delta_weight", make_get_delta_weight)
+    patch(LoraModel, "add_weighted_adapter", make_add_weighted_adapter)
 
 
 def uninstall_delta_weight() -> None:
     from peft.tuners.lora import LoraModel
     from peft.tuners.lora.layer import Linear
 
-    for owner, attr in ((Linear, "get_delta_weight"), (LoraModel, "add_weighted_adapter")):
-        fn = getattr(owner, attr)
-        if getattr(fn, _MARK, False):
-            setattr(owner, attr, fn.__wrapped_original__)
+    unpatch(Linear, "get_delta_weight")
+    unpatch(LoraModel, "add_weighted_adapter")

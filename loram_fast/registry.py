@@ -85,7 +85,7 @@ def parse_init_string(text) -> Optional[tuple[str, dict, bool]]:
             if not sep:
                 return None
             options[key.strip()] = _parse_value(value.strip())
-    if _method_for(body) is None:
+    if body not in _METHODS and not any(regex.fullmatch(body) for regex, _, _ in _PATTERNS):
         return None
     return body, options, recorded
 
@@ -201,8 +201,8 @@ def _lora_ga_config(name, value):
     return value
 
 
-def _lora_ga_options(lora_ga_config=None, **options):
-    """Accept peft's ``LoraGAConfig`` as well as the keyword options."""
+def lora_ga_options(lora_ga_config=None, **options) -> dict:
+    """``options`` with the fields of peft's ``LoraGAConfig`` (when given) filled in where not passed."""
     if lora_ga_config is not None:
         for key in ("direction", "scale", "stable_gamma"):
             options.setdefault(key, getattr(lora_ga_config, key))
@@ -222,7 +222,7 @@ register(Method(
 register(Method(
     name="lora_ga",
     init=lambda W, r, scaling, *, backend=None, bases=None, **o: _gradient.lora_ga_init(
-        W, r, scaling, backend=backend, **_lora_ga_options(**o)),
+        W, r, scaling, backend=backend, **lora_ga_options(**o)),
     residual=True, needs_data=True,
     description="LoRA-GA (peft's): top-2r gradient SVD split between A and B, scaled; residual in W",
     options={"direction": _opt.choice(*_gradient.LORA_GA_DIRECTIONS), "scale": _opt.choice(*_gradient.LORA_GA_SCALES),

@@ -147,20 +147,36 @@ def writes_peft_residual(init_lora_weights) -> bool:
         init_lora_weights == name or init_lora_weights.startswith(name + "_") for name in PEFT_RESIDUAL_INITS)
 
 
-def other_weight_users(model: nn.Module, targets: list[LoraTarget], adapter: str) -> dict[int, list[str]]:
-    """For each target index whose base weight something else also uses: who (other adapters of the same layer,
-    other parameters sharing the weight's storage, e.g. an embedding tied to ``lm_head``)."""
-    storages: dict = {}
+def parameters_by_storage(model: nn.Module) -> dict[int, list[str]]:
+    """Every parameter name of ``model`` (tied ones under each of their names), grouped by storage."""
+    storages: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         if p.device.type != "meta":
             storages.setdefault(p.untyped_storage().data_ptr(), []).append(name)
-    found: dict[int, list[str]] = {}
-    for i, t in enumerate(targets):
-        users = [f"adapter {a!r}" for a in t.layer.r if a != adapter]
-        W = t.weight
-        own = f"{t.name}.base_layer.weight"
-        if W.device.type != "meta":
-            users += [f"parameter {n!r}" for n in storages.get(W.untyped_storage().data_ptr(), []) if n != own]
-        if users:
-            found[i] = users
-    return found
+    return storages
+
+
+def weight_users(target: LoraTarget, adapter: str, storages: dict[int, list[str]]) -> list[str]:
+    """Who else uses ``target``'s base weight: the layer's other adapters, and every other name under which its
+    storage is reachable (e.g. an embedding tied to ``lm_head``); ``storages`` from :func:`parameters_by_storage`."""
+    users = [f"adapter {a!r}" for a in target.layer.r if a != adapter]
+    W = target.weight
+    group = storages.get(W.untyped_storage().data_ptr(), []) if W.device.type != "meta" else []
+    if len(group) > 1:  # the weight's own name is one of them (when the layer is already in the model)
+        own = f"{target.name}.base_layer.weight"
+        users += [f"parameter {n!r}" for n in group if n != own]
+    return users
+
+
+def shared_base_error(method: str, target: LoraTarget, users: list[str], affected: int = 1) -> ValueError:
+    return ValueError(f"loram_fast: method {method!r} writes a residual into the base weight of {target.describe()}, "
+                      f"which {', '.join(users)} also use(s): their output would change too. Leave the module out "
+                      "of target_modules, or pass allow_shared_base=True to init_model to accept it"
+                      + (f" ({affected} module(s) affected)" if affected > 1 else ""))
+
+
+def other_weight_users(model: nn.Module, targets: list[LoraTarget], adapter: str) -> dict[int, list[str]]:
+    """For each target index whose base weight something else also uses: who (see :func:`weight_users`)."""
+    storages = parameters_by_storage(model)
+    found = {i: weight_users(t, adapter, storages) for i, t in enumerate(targets)}
+    return {i: users for i, users in found.items() if users}

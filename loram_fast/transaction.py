@@ -78,7 +78,8 @@ class Transaction:
     def __exit__(self, exc_type, exc, tb):
         try:
             if exc_type is not None:
-                logger.error("loram_fast: writing failed (%s); restoring the model", exc_type.__name__)
+                if self._undo:  # something was changed already
+                    logger.error("loram_fast: writing failed (%s); restoring the model", exc_type.__name__)
                 self.rollback()
             else:
                 self._undo.clear()
