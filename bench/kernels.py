@@ -3,8 +3,8 @@ extra memory.
 
     python bench/kernels.py [--quick] [--device cpu|cuda]
 
-Ops: ``weight_moments`` (reads W once), ``loram_residual_`` (reads and writes W once, bases generated in the
-kernel), the whole LoRAM layer init (moments + residual: the floor is one read plus one read/write of W), and the
+Ops: ``weight_moments`` (reads W once), ``loram_residual_`` at r = 16 and 256 (reads and writes W once; closed
+form, O(1) work per entry, on the compiled and Triton backends; the rank-r product on torch), the whole LoRAM layer init (moments + residual: the floor is one read plus one read/write of W), and the
 LoRAM reference code path. GB/s counts the bytes the op must move (its floor); ``copy_`` moves 2× the weight.
 Peak extra memory: a subprocess per provider, max RSS (CPU) or max allocated (GPU) above the weight itself.
 """
@@ -86,8 +86,11 @@ def main(argv=None):
             # the providers of one op are timed interleaved (see measure_interleaved): their ratios are the point.
             # (op, provider for a backend, passes over W, reps); the residual's coefficient is nonzero, since with 0
             # BLAS may skip the product
+            # loram_residual_ at r = 16 and 256: the torch reference is the rank-r product (O(r) per entry), the
+            # compiled and Triton backends the closed form (O(1) per entry)
             ops_ = [("weight_moments", lambda b: lambda: weight_moments(W, backend=b), 1, 10),
-                    ("loram_residual_", lambda b: lambda: loram_residual_(W, 1e-3, 16, backend=b), 2, 10),
+                    ("loram_residual_ r=16", lambda b: lambda: loram_residual_(W, 1e-3, 16, backend=b), 2, 10),
+                    ("loram_residual_ r=256", lambda b: lambda: loram_residual_(W, 1e-3, 256, backend=b), 2, 5),
                     ("LoRAM layer init", lambda b: lambda: _layer_init(W, b), 3, 5)]
             for op, make, passes, reps in ops_:
                 timed = measure_interleaved({b: make(b) for b in provs}, device=dev, reps=reps)

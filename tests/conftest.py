@@ -105,3 +105,24 @@ def assert_state_equal(model, saved):
     assert now.keys() == saved.keys()
     for k, v in saved.items():
         assert torch.equal(now[k], v), f"{k} changed"
+
+
+def exact_loram_residual(W0, coef, r, kind):
+    """fp64 ``W0 − coef · V_r U_rᵀ`` from fp64 bases, and the scale ``max |coef · V_r U_rᵀ|``."""
+    from loram_fast.ops import dst_basis
+
+    m, n = W0.shape
+    prod = coef * (dst_basis(m, r, kind=kind, dtype=torch.float64, backend="torch")
+                   @ dst_basis(n, r, kind=kind, dtype=torch.float64, backend="torch").T)
+    return W0.double() - prod, float(prod.abs().max())
+
+
+def residual_close(got, W0, coef, r, kind, rtol=1e-6):
+    """The LoRAM residual ``got`` (W0's dtype) against the fp64 exact one: the product within ``rtol`` of its
+    largest entry, plus one rounding of the result to the dtype (one ulp: a value next to a rounding boundary may
+    round either way)."""
+    exact, scale = exact_loram_residual(W0, coef, r, kind)
+    info = torch.finfo(got.dtype)
+    ulp = 2.0 ** -23 if got.dtype == torch.float32 else info.eps
+    err = (got.double().cpu() - exact).abs()
+    return bool((err <= rtol * scale + ulp * exact.abs() + info.tiny * info.eps).all())  # last: subnormal spacing

@@ -131,7 +131,7 @@ def test_missing_tools_give_a_reason_without_compiling(tmp_path, monkeypatch):
 
 
 def test_a_built_extension_is_reused():
-    module, reason = _ext._load()
+    module, reason = _ext.load()
     if module is None:
         pytest.skip(f"no extension here: {reason}")
     if module.__name__ == "loram_fast._C":

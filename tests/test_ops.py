@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from loram_fast.ops import (backends, dispatch, dst_basis, dst_basis_batched, lowrank_update_, matmul_f32,
-                            loram_residual_, scaled_basis, weight_moments)
+from loram_fast.ops import backends, dispatch, dst_basis, loram_residual_, lowrank_update_, matmul_f32, weight_moments
+from loram_fast.ops import residual as residual_op
 
-from conftest import relative_error
+from conftest import relative_error, residual_close
 
 # the torch references, and whatever the dispatch picks automatically on CPU (cpu-ext where it is built)
 AUTO_AND_TORCH = pytest.mark.parametrize("backend", [None, "torch"], ids=["auto", "torch"])
@@ -43,25 +43,7 @@ def test_basis_exact_angles_for_large_n(backend):
     assert (V[:, 3] - exact).abs().max() < 1e-12
 
 
-@pytest.mark.parametrize("kind", ["dst1", "dct2"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@AUTO_AND_TORCH
-def test_scaled_basis(kind, dtype, backend):
-    """diag(scale) · basis, e.g. scaled by a weight's row norms, rounded once."""
-    W = torch.randn(301, 77)
-    norms = weight_moments(W, rows=True).row_norms()
-    got = scaled_basis(301, 6, norms, kind=kind, dtype=dtype, backend=backend)
-    expect = _np_basis(301, 6, kind) * norms.double().numpy()[:, None]
-    assert got.dtype == dtype
-    eps = 2e-7 if dtype == torch.float32 else torch.finfo(dtype).eps  # one rounding (bf16: within one ulp)
-    assert (np.abs(got.double().numpy() - expect) <= eps * np.abs(expect) + 1e-12).all()
-    with pytest.raises(ValueError, match="shape \\(301,\\)"):
-        scaled_basis(301, 6, norms[:-1], backend=backend)
-
-
-def test_basis_batched_and_errors():
-    outs = dst_basis_batched([(37, 5), (53, 2)], kind="dct2")
-    assert torch.equal(outs[0], dst_basis(37, 5, kind="dct2")) and outs[1].shape == (53, 2)
+def test_basis_errors():
     with pytest.raises(ValueError, match="r=6 > n=5"):
         dst_basis(5, 6)
     with pytest.raises(ValueError, match="unknown kind"):
@@ -72,12 +54,11 @@ def test_basis_batched_and_errors():
 @AUTO_AND_TORCH
 def test_moments(dtype, backend):
     W = (torch.randn(301, 77) * 0.1 + 0.05).to(dtype)
-    m = weight_moments(W, rows=True, cols=True, backend=backend)
+    m = weight_moments(W, backend=backend)
     Wd = W.double()
+    assert m.count == W.numel() and math.isclose(float(m.sum), Wd.sum().item(), rel_tol=1e-6)
     assert math.isclose(m.variance(), torch.var(Wd).item(), rel_tol=1e-6)  # fp32 accumulation
     assert math.isclose(m.variance(), torch.var(W.float()).item(), rel_tol=1e-6)
-    assert torch.allclose(m.row_norms().double(), Wd.norm(dim=1), rtol=1e-6)
-    assert torch.allclose(m.col_norms().double(), Wd.norm(dim=0), rtol=1e-6)
     mt = weight_moments(W.T, backend=backend)  # strided input
     assert math.isclose(mt.variance(), m.variance(), rel_tol=1e-6)
 
@@ -102,13 +83,39 @@ def test_lowrank_update(dtype, transposed, backend):
     assert ((got.float() - expect.float()).abs() <= tol * expect.float().abs() + 1e-5).all()
 
 
+@pytest.mark.parametrize("kind", ["dst1", "dct2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("transposed", [False, True])
 @AUTO_AND_TORCH
-def test_loram_residual_matches_lowrank_update(backend):
-    W = torch.randn(37, 53)
-    a, b = W.clone(), W.clone()
-    loram_residual_(a, 0.7, 5, "dst1", backend=backend)
-    lowrank_update_(b, dst_basis(37, 5), dst_basis(53, 5).T, -0.7, backend=backend)
-    assert relative_error(a, b) < 1e-7
+def test_loram_residual_against_exact(kind, dtype, transposed, backend):
+    """Every backend's residual (the torch product; the compiled closed form) against the fp64 product: within
+    1e-6 of its largest entry, rounded once to W's dtype. Shapes with r = 1, r = min(m, n) and m + 1 | n + 1 (rows
+    whose angle equals a column's: the exact-phase branch)."""
+    for m, n, r in [(37, 53, 5), (63, 127, 63), (30, 300, 1), (99, 199, 17)]:
+        W0 = (torch.randn(n, m).T if transposed else torch.randn(m, n)).to(dtype)
+        got = W0.clone()
+        loram_residual_(got, 0.7, r, kind, backend=backend)
+        assert residual_close(got, W0, 0.7, r, kind), (m, n, r)
+
+
+def test_closed_form_mirror_and_exact_branch():
+    """The torch transcription of kernel_math.h (what the Triton path uses): the displacement form and the
+    exact-phase form both equal the fp64 basis product; the irregular set holds exactly the near entries."""
+    for kind in ("dst1", "dct2"):
+        for m, n, r in [(63, 127, 9), (40, 41, 40), (128, 128, 3)]:
+            V = dst_basis(m, r, kind=kind, dtype=torch.float64, backend="torch")
+            U = dst_basis(n, r, kind=kind, dtype=torch.float64, backend="torch")
+            K = (V @ U.T) / residual_op.closed_form_amp(m, n, kind)
+            rows, cols = residual_op.closed_form_terms(m, r, kind), residual_op.closed_form_terms(n, r, kind)
+            den = cols[2][None, :] - rows[2][:, None]
+            regular = den.abs() >= residual_op.NEAR_TOL
+            fast = (rows[0][:, None] * cols[1][None, :] - rows[1][:, None] * cols[0][None, :]) / den
+            assert (fast - K)[regular].abs().max() < 1e-9 * K.abs().max()
+            i, j = torch.meshgrid(torch.arange(m), torch.arange(n), indexing="ij")
+            exact = residual_op.closed_form_exact(i, j, m, n, r, kind)
+            assert (exact - K).abs().max() < 1e-9 * K.abs().max()
+            ii, jj = residual_op.closed_form_irregular(rows[2], cols[2])
+            assert set(zip(ii.tolist(), jj.tolist())) == set(zip(*[t.tolist() for t in torch.nonzero(~regular, as_tuple=True)]))
 
 
 def test_loram_residual_with_given_bases():

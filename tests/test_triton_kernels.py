@@ -3,13 +3,11 @@ on a CUDA machine the same tests run compiled on the GPU."""
 import pytest
 import torch
 
-from conftest import relative_error, require_backend, ulp_close
+from conftest import relative_error, require_backend, residual_close, ulp_close
 
 require_backend("triton")  # conftest.py sets TRITON_INTERPRET=1 on machines without CUDA
 
-from loram_fast.ops import (dst_basis, dst_basis_batched, loram_residual_, lowrank_update_, matmul_f32,  # noqa: E402
-                            scaled_basis,  # noqa: E402
-                            weight_moments)
+from loram_fast.ops import dst_basis, loram_residual_, lowrank_update_, matmul_f32, weight_moments  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -28,34 +26,13 @@ def test_basis(n, r, kind):
     assert (got.cpu() - dst_basis(n, r, kind=kind, backend="torch")).abs().max() < 2e-7
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_scaled_basis(dtype):
-    scale = torch.rand(1000, generator=torch.Generator().manual_seed(0)) * 3
-    got = scaled_basis(1000, 7, scale.to(DEVICE), kind="dct2", dtype=dtype, backend="triton")
-    assert got.dtype == dtype and _ulp_close(got.cpu(), scaled_basis(1000, 7, scale, kind="dct2", dtype=torch.float64,
-                                                                      backend="torch"))
-
-
-def test_basis_batched_one_launch_and_dtype():
-    shapes = [(37, 5), (53, 2), (1000, 16)]
-    got = dst_basis_batched(shapes, kind="dst1", dtype=torch.bfloat16, device=DEVICE, backend="triton")
-    for (n, r), g in zip(shapes, got):
-        assert g.shape == (n, r) and g.dtype == torch.bfloat16
-        # fp32 kernel values rounded once to bf16; the reference rounds fp64 values: at most one bf16 ulp apart
-        assert _ulp_close(g.cpu(), dst_basis(n, r, dtype=torch.float64))
-    assert got[0].untyped_storage().data_ptr() == got[2].untyped_storage().data_ptr()  # one flat buffer
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(37, 53), (100, 37), (1000, 5)])
 def test_moments(dtype, shape):
     W = (torch.randn(*shape) * 0.05 + 0.01).to(dtype).to(DEVICE)
-    got = weight_moments(W, rows=True, cols=True, backend="triton")
-    ref = weight_moments(W.cpu(), rows=True, cols=True, backend="torch")
+    got = weight_moments(W, backend="triton")
+    ref = weight_moments(W.cpu(), backend="torch")
     assert abs(got.variance() - ref.variance()) <= 1e-6 * ref.variance()
-    # per-row / per-column fp32 sums of up to 1000 squares, summed in different orders: fp32-level agreement
-    assert relative_error(got.row_sq.cpu(), ref.row_sq) <= 1e-5
-    assert relative_error(got.col_sq.cpu(), ref.col_sq) <= 1e-5
     mt = weight_moments(W.T, backend="triton")  # strided
     assert abs(mt.variance() - ref.variance()) <= 1e-6 * ref.variance()
 
@@ -79,11 +56,15 @@ def test_lowrank_update(dtype, transposed):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["dst1", "dct2"])
-def test_loram_residual_generates_bases_in_kernel(dtype, kind):
-    W0 = torch.randn(100, 53).to(dtype)
-    expect = loram_residual_(W0.clone(), 0.7, 20, kind, backend="torch")
-    got = loram_residual_(W0.clone().to(DEVICE), 0.7, 20, kind, backend="triton")
-    assert got.dtype == dtype and _ulp_close(got.cpu(), expect)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_loram_residual_closed_form(dtype, kind, transposed):
+    """Closed form in the kernel, irregular entries from exact phases: against the fp64 product (1e-6 of its largest
+    entry, one rounding). 128×128: every diagonal entry is irregular; 63×127: rows meet columns' angles."""
+    for m, n, r in [(100, 53, 20), (128, 128, 7), (63, 127, 63)]:
+        W0 = (torch.randn(n, m).T if transposed else torch.randn(m, n)).to(dtype)
+        got = W0.clone().to(DEVICE)
+        loram_residual_(got, 0.7, r, kind, backend="triton")
+        assert got.dtype == dtype and residual_close(got.cpu(), W0, 0.7, r, kind), (m, n, r)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

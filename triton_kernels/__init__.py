@@ -1,4 +1,4 @@
-"""Triton kernels of loram_fast (installed as ``loram_fast.triton_kernels``). Importing this package registers
-the ``"triton"`` implementations with ``loram_fast.ops.dispatch``. Each op's torch reference lives in
-``loram_fast/ops/<op>.py`` and is the test oracle (``tests/test_triton_kernels.py``)."""
+"""Triton kernels of loram_fast (installed as ``loram_fast.triton_kernels``): kernels and their launchers only.
+Each op's module in ``loram_fast/ops/`` holds its torch reference and registers these launchers as its
+``"triton"`` backend; the tests (``tests/test_triton_kernels.py``) compare them under ``TRITON_INTERPRET=1``."""
 from . import bases, matmul, moments, residual  # noqa: F401

@@ -6,8 +6,6 @@ import torch
 import triton
 import triton.language as tl
 
-from loram_fast.ops import dispatch
-
 
 @triton.jit
 def _matmul_kernel(a_ptr, b_ptr, c_ptr, m, n, k, s_ab, s_am, s_ak, s_bb, s_bk, s_bn, s_cb, s_cm, s_cn,
@@ -27,8 +25,7 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, m, n, k, s_ab, s_am, s_ak, s_bb, s_bk, s
              mask=(rows[:, None] < m) & (cols[None, :] < n))
 
 
-@dispatch.register("matmul_f32", "triton")
-def matmul_f32_triton(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+def matmul_f32(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     batch = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
     m, k, n = A.shape[-2], A.shape[-1], B.shape[-1]
     A3 = A.reshape(-1, m, k) if A.dim() > 2 else A.unsqueeze(0)

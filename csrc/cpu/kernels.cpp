@@ -1,4 +1,5 @@
-// CPU kernels of loram_fast (registered for the CPU dispatch key).
+// CPU kernels of loram_fast (registered for the CPU dispatch key). The per-element math is csrc/kernel_math.h,
+// shared with the CUDA kernels; the argument checks and layout handling are csrc/common.h.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -14,35 +15,22 @@
 namespace loram_fast {
 namespace {
 
-constexpr double kPi = 3.14159265358979323846;
-
-// Basis values out[i*r + k] (row i of a length-n basis, column k < r). Each entry is amp·sin(π P/H) (DST-I) or
-// amp·cos(π P/H) (DCT-II) of an integer phase P reduced into [0, 2H): the 2H distinct values are tabulated once
-// (double precision, the angle reduced to (-π, π]) and looked up, so only 2H sines are evaluated, not n·r.
+// Basis entries out[i*r + k]. Each is phase_value(P) of an integer phase P reduced into [0, 2H): the 2H distinct
+// values are tabulated once and looked up, so only 2H sines are evaluated, not n·r (the CUDA kernel evaluates
+// basis_value(i, k) per entry: the same double arithmetic).
 template <typename scalar_t>
-void fill_basis(scalar_t* out, int64_t n, int64_t r, int64_t kind, const double* scale = nullptr) {
-  const int64_t half = kind == 0 ? n + 1 : 2 * n;
-  std::vector<double> table(2 * half);
-  at::parallel_for(0, 2 * half, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t q = p > half ? p - 2 * half : p;
-      const double angle = static_cast<double>(q) * (kPi / static_cast<double>(half));
-      table[p] = kind == 0 ? std::sqrt(2.0 / static_cast<double>(half)) * std::sin(angle)
-                           : std::sqrt(2.0 / static_cast<double>(n)) * std::cos(angle);
-    }
+void fill_basis(scalar_t* out, int64_t n, int64_t r, int kind) {
+  const int64_t period = 2 * kmath::basis_half(n, kind);
+  std::vector<double> table(period);
+  at::parallel_for(0, period, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) table[p] = kmath::phase_value(p, n, kind);
   });
   const double* tab = table.data();
   at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       for (int64_t k = 0; k < r; ++k) {
-        double v;
-        if (kind == 0) {
-          v = tab[((i + 1) * (k + 1)) % (2 * half)];
-        } else {
-          v = tab[((2 * i + 1) * k) % (2 * half)];
-          if (k == 0) v *= 0.70710678118654752440;
-        }
-        if (scale != nullptr) v *= scale[i];
+        double v = tab[kmath::basis_phase(i, k, kind) % period];
+        if (kind == 1 && k == 0) v *= kmath::kInvSqrt2;
         out[i * r + k] = static_cast<scalar_t>(v);
       }
     }
@@ -53,50 +41,8 @@ void basis_fill_(at::Tensor out, int64_t kind) {
   check_kind(kind);
   check_basis_out(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "basis_fill_", [&] {
-    fill_basis<scalar_t>(out.data_ptr<scalar_t>(), out.size(0), out.size(1), kind);
+    fill_basis<scalar_t>(out.data_ptr<scalar_t>(), out.size(0), out.size(1), static_cast<int>(kind));
   });
-}
-
-void basis_fill_scaled_(at::Tensor out, const at::Tensor& scale, int64_t kind) {
-  check_kind(kind);
-  check_scaled(out, scale);
-  const at::Tensor s = scale.to(at::kDouble).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "basis_fill_scaled_", [&] {
-    fill_basis<scalar_t>(out.data_ptr<scalar_t>(), out.size(0), out.size(1), kind, s.data_ptr<double>());
-  });
-}
-
-void basis_fill_batched_(at::Tensor out, at::IntArrayRef ns, at::IntArrayRef rs, at::IntArrayRef offsets,
-                         int64_t kind) {
-  check_kind(kind);
-  check_batched(out, ns, rs, offsets);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "basis_fill_batched_", [&] {
-    for (size_t b = 0; b < ns.size(); ++b) {
-      fill_basis<scalar_t>(out.data_ptr<scalar_t>() + offsets[b], ns[b], rs[b], kind);
-    }
-  });
-}
-
-at::Tensor col_sq(const at::Tensor& W) {
-  TORCH_CHECK(W.dim() == 2, "loram_fast.col_sq: W must be 2-D");
-  const int64_t m = W.size(0), n = W.size(1), sm = W.stride(0), sn = W.stride(1);
-  at::Tensor out = at::empty({n}, W.options().dtype(at::kFloat));
-  float* po = out.data_ptr<float>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W.scalar_type(), "col_sq", [&] {
-    const scalar_t* w = W.data_ptr<scalar_t>();
-    at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-      std::vector<double> acc(end - begin, 0.0);
-      for (int64_t i = 0; i < m; ++i) {
-        const scalar_t* row = w + i * sm;
-        for (int64_t j = begin; j < end; ++j) {
-          const double x = static_cast<double>(static_cast<float>(row[j * sn]));
-          acc[j - begin] += x * x;
-        }
-      }
-      for (int64_t j = begin; j < end; ++j) po[j] = static_cast<float>(acc[j - begin]);
-    });
-  });
-  return out;
 }
 
 // ---- vectorised row kernels --------------------------------------------------------------------------------
@@ -250,24 +196,33 @@ LORAM_FAST_CLONES void axpy_row_bf16(uint16_t* row, const float* p, int64_t n, f
   }
 }
 
+LORAM_FAST_CLONES void axpy_row_f32(float* row, const float* p, int64_t n, float a) {
+  for (int64_t j = 0; j < n; ++j) row[j] = kmath::add_scaled(row[j], a, p[j]);
+}
+
 template <typename scalar_t>
 void axpy_row_generic(scalar_t* row, int64_t stride, const float* p, int64_t n, float a) {
-  for (int64_t j = 0; j < n; ++j)
-    row[j * stride] = static_cast<scalar_t>(static_cast<float>(row[j * stride]) + a * p[j]);
+  for (int64_t j = 0; j < n; ++j) row[j * stride] = kmath::add_scaled(row[j * stride], a, p[j]);
+}
+
+// row[j] <- row[j] + a * p[j], rounded once to the row's dtype.
+template <typename scalar_t>
+inline void axpy_row(scalar_t* row, int64_t stride, const float* p, int64_t n, float a) {
+  if (stride == 1 && std::is_same<scalar_t, at::BFloat16>::value)
+    axpy_row_bf16(reinterpret_cast<uint16_t*>(row), p, n, a);
+  else if (stride == 1 && std::is_same<scalar_t, float>::value)
+    axpy_row_f32(reinterpret_cast<float*>(row), p, n, a);
+  else
+    axpy_row_generic(row, stride, p, n, a);
 }
 
 std::tuple<at::Tensor, at::Tensor> row_moments(const at::Tensor& W) {
-  TORCH_CHECK(W.dim() == 2, "loram_fast.row_moments: W must be 2-D");
+  check_moments(W);
   const int64_t m = W.size(0), n = W.size(1), sm = W.stride(0), sn = W.stride(1);
   auto opts = W.options().dtype(at::kFloat);
   at::Tensor sums = at::empty({m}, opts), sqs = at::empty({m}, opts);
   float* ps = sums.data_ptr<float>();
   float* pq = sqs.data_ptr<float>();
-  if (sn != 1 && sm == 1 && m > 1) {  // column-major view (e.g. a Conv1D transpose): reduce the stored rows
-    at::Tensor t = col_sq(W.t());   // sums of squares of W's rows
-    at::Tensor s = W.sum(1, false, at::kFloat);
-    return {s, t};
-  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W.scalar_type(), "row_moments", [&] {
     const scalar_t* w = W.data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1));
@@ -283,22 +238,20 @@ std::tuple<at::Tensor, at::Tensor> row_moments(const at::Tensor& W) {
   return {sums, sqs};
 }
 
-// W[rows] += alpha * P with P = left[rows] @ right (BLAS, fp32), one row chunk at a time (at most ~1M products:
-// a 4 MiB fp32 temporary). fp32 W: BLAS updates it in place. bf16/fp16 W: one fused pass reads W and P and writes
-// W rounded once. A column-major view (Conv1D's transpose) is updated as its stored transpose.
-void chunked_update(at::Tensor W, at::Tensor left, at::Tensor right, double alpha) {
-  if (W.stride(1) != 1 && W.stride(0) == 1 && W.size(0) > 1) {
-    W = W.t();
-    std::swap(left, right);
-    left = left.t();
-    right = right.t();
-  }
+// W[rows] += alpha * P with P = B[rows] @ A (BLAS, fp32), one row chunk at a time (at most ~1M products: a 4 MiB
+// fp32 temporary). fp32 W: BLAS updates it in place. bf16/fp16 W: one fused pass reads W and P and writes W
+// rounded once (kmath::add_scaled, as the CUDA kernel writes).
+void lowrank_update_(at::Tensor W_in, const at::Tensor& B_in, const at::Tensor& A_in, double alpha) {
+  check_update(W_in, B_in, A_in);
+  const UpdateOperands ops = normalise_update(W_in, B_in, A_in);
+  at::Tensor W = ops.W;
   const int64_t m = W.size(0), n = W.size(1), sm = W.stride(0), sn = W.stride(1);
+  if (m == 0 || n == 0) return;
   const int64_t step = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(n, 1));
   if (W.scalar_type() == at::kFloat) {
     for (int64_t start = 0; start < m; start += step) {
       const int64_t rows = std::min(step, m - start);
-      W.narrow(0, start, rows).addmm_(left.narrow(0, start, rows), right, 1.0, alpha);
+      W.narrow(0, start, rows).addmm_(ops.B.narrow(0, start, rows), ops.A, 1.0, alpha);
     }
     return;
   }
@@ -307,35 +260,64 @@ void chunked_update(at::Tensor W, at::Tensor left, at::Tensor right, double alph
     scalar_t* w = W.data_ptr<scalar_t>();
     for (int64_t start = 0; start < m; start += step) {
       const int64_t rows = std::min(step, m - start);
-      at::Tensor prod = at::mm(left.narrow(0, start, rows), right).contiguous();  // rows×n fp32
+      at::Tensor prod = at::mm(ops.B.narrow(0, start, rows), ops.A).contiguous();  // rows×n fp32
       const float* p = prod.data_ptr<float>();
       const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1));
       at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; ++i) {
-          scalar_t* row = w + (start + i) * sm;
-          if (sn == 1 && std::is_same<scalar_t, at::BFloat16>::value)
-            axpy_row_bf16(reinterpret_cast<uint16_t*>(row), p + i * n, n, a);
-          else
-            axpy_row_generic(row, sn, p + i * n, n, a);
-        }
+        for (int64_t i = b; i < e; ++i) axpy_row(w + (start + i) * sm, sn, p + i * n, n, a);
       });
     }
   });
 }
 
-void lowrank_update_(at::Tensor W, const at::Tensor& B, const at::Tensor& A, double alpha) {
-  check_update(W, B, A);
-  chunked_update(W, B.to(at::kFloat), A.to(at::kFloat), alpha);
+// One row of K (see kernel_math.h) by the displacement form: vectorised (double numerator and denominator, one
+// fp32 division per entry), the same arithmetic as kmath::closed_form_fast.
+LORAM_FAST_CLONES void closed_form_row(float* out, kmath::Terms row, const double* cp, const double* cq,
+                                       const double* cc, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) out[j] = kmath::closed_form_fast(row.p, row.q, row.c, cp[j], cq[j], cc[j]);
 }
 
-void loram_residual_(at::Tensor W, double coef, int64_t r, int64_t kind) {
-  check_residual(W, r, kind);
-  const int64_t m = W.size(0), n = W.size(1);
-  auto opts = W.options().dtype(at::kFloat);
-  at::Tensor V = at::empty({m, r}, opts), U = at::empty({n, r}, opts);
-  fill_basis<float>(V.data_ptr<float>(), m, r, kind);
-  fill_basis<float>(U.data_ptr<float>(), n, r, kind);
-  chunked_update(W, V, U.t(), -coef);
+// W -= coef · V_r U_rᵀ in one pass: per row, K by the closed form into an fp32 row buffer (entries where
+// kmath::closed_form_regular fails, a contiguous few since cos β_j decreases with j, from exact phases), then the
+// row is updated and rounded once. O(1) work per entry for any r.
+void loram_residual_(at::Tensor W, double coef, int64_t r, int64_t kind_) {
+  check_residual(W, r, kind_);
+  if (stored_transposed(W)) W = W.t();  // V U^T transposed is the same formula with m and n swapped
+  const int kind = static_cast<int>(kind_);
+  const int64_t m = W.size(0), n = W.size(1), sm = W.stride(0), sn = W.stride(1);
+  std::vector<kmath::Terms> rows(m);
+  std::vector<double> cp(n), cq(n), cc(n);
+  at::parallel_for(0, m, 1024, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) rows[i] = kmath::closed_form_terms(i, m, r, kind);
+  });
+  at::parallel_for(0, n, 1024, [&](int64_t b, int64_t e) {
+    for (int64_t j = b; j < e; ++j) {
+      const kmath::Terms t = kmath::closed_form_terms(j, n, r, kind);
+      cp[j] = t.p;
+      cq[j] = t.q;
+      cc[j] = t.c;
+    }
+  });
+  const float scale = static_cast<float>(-coef * kmath::closed_form_amp(m, n, kind));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W.scalar_type(), "loram_residual_", [&] {
+    scalar_t* w = W.data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1));
+    at::parallel_for(0, m, grain, [&](int64_t b, int64_t e) {
+      std::vector<float> buf(n);
+      for (int64_t i = b; i < e; ++i) {
+        const kmath::Terms row = rows[i];
+        closed_form_row(buf.data(), row, cp.data(), cq.data(), cc.data(), n);
+        // cos β_j decreases with j: the irregular entries lie where cc[j] is within 2·kNearTol of row.c
+        const double* lo = std::lower_bound(cc.data(), cc.data() + n, row.c + 2 * kmath::kNearTol,
+                                            [](double x, double v) { return x > v; });
+        for (int64_t j = lo - cc.data(); j < n && cc[j] > row.c - 2 * kmath::kNearTol; ++j) {
+          if (!kmath::closed_form_regular(row.c, cc[j]))
+            buf[j] = static_cast<float>(kmath::closed_form_exact(i, j, m, n, r, kind));
+        }
+        axpy_row(w + i * sm, sn, buf.data(), n, scale);
+      }
+    });
+  });
 }
 
 }  // namespace

@@ -1,6 +1,15 @@
-"""Ops layer: each op has a plain-torch reference and dispatches to the best backend (see ``dispatch``).
-Never imports peft."""
-from .bases import dst_basis, dst_basis_batched, dst_basis_reference, scaled_basis, scaled_basis_reference
+"""Ops layer: one module per op, each holding the op's plain-torch reference and the registration of every
+backend that implements it (``dispatch`` picks one). Never imports peft, methods or anything above it.
+
+| module | ops |
+|---|---|
+| ``bases`` | ``dst_basis`` |
+| ``moments`` | ``weight_moments`` |
+| ``residual`` | ``lowrank_update_``, ``loram_residual_``, ``apply_residual`` |
+| ``matmul`` | ``matmul_f32`` |
+| ``rsvd`` | ``cholesky_qr``, ``randomized_svd`` |
+"""
+from .bases import dst_basis, dst_basis_reference
 from .dispatch import BACKENDS, backends, register, resolve
 from .matmul import matmul_f32, matmul_f32_reference
 from .moments import Moments, variance, weight_moments, weight_moments_reference
@@ -10,7 +19,7 @@ from .residual import (BasisResidual, LowRankResidual, apply_residual, loram_res
 
 __all__ = [
     "BACKENDS", "backends", "register", "resolve",
-    "dst_basis", "dst_basis_batched", "dst_basis_reference", "scaled_basis", "scaled_basis_reference", "matmul_f32", "matmul_f32_reference",
+    "dst_basis", "dst_basis_reference", "matmul_f32", "matmul_f32_reference",
     "Moments", "variance", "weight_moments", "weight_moments_reference",
     "cholesky_qr", "randomized_svd",
     "loram_residual_", "lowrank_update_", "lowrank_update_reference_", "loram_residual_reference_",

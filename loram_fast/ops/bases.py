@@ -13,8 +13,6 @@ int64 before the sine, so large n loses no accuracy (the reference's fp32 ``(i+1
 from __future__ import annotations
 
 import math
-from typing import Sequence
-
 import torch
 
 from . import dispatch
@@ -64,18 +62,21 @@ def dst_basis_reference(n: int, r: int, kind: str = "dst1", dtype=torch.float32,
 
 
 dispatch.register("dst_basis", "torch")(dst_basis_reference)
+dispatch.register("dst_basis", "triton")(dispatch.lazy("loram_fast.triton_kernels.bases", "dst_basis"))
 
 
-@dispatch.register("scaled_basis", "torch")
-def scaled_basis_reference(n: int, r: int, scale: torch.Tensor, kind: str = "dst1", dtype=torch.float32) -> torch.Tensor:
-    """Plain-torch reference of :func:`scaled_basis`: the fp64 basis times ``scale`` per row, rounded once."""
-    return (_basis_f64(n, r, kind, scale.device) * scale.double()[:, None]).to(dtype)
+@dispatch.register("dst_basis", "cpu-ext", "cuda")
+def dst_basis_native(n: int, r: int, kind: str = "dst1", dtype=torch.float32, device=None) -> torch.Tensor:
+    """``basis_fill_`` of csrc/: the basis value of every entry from its exact integer phase
+    (``kmath::basis_value``; the CPU kernel tabulates the 2H distinct values first)."""
+    out = torch.empty(n, r, dtype=dtype, device=device)
+    torch.ops.loram_fast.basis_fill_(out, KINDS.index(kind))
+    return out
 
 
-@dispatch.register("dst_basis_batched", "torch")
-def dst_basis_batched_reference(shapes, kind="dst1", dtype=torch.float32, device=None) -> list[torch.Tensor]:
-    """Reference of :func:`dst_basis_batched`: one basis at a time."""
-    return [dst_basis_reference(n, r, kind, dtype, device) for n, r in shapes]
+@dispatch.on_native_load
+def _fake() -> None:
+    torch.library.register_fake("loram_fast::basis_fill_")(lambda out, kind: None)
 
 
 def dst_basis(n: int, r: int, *, kind: str = "dst1", dtype=torch.float32, device=None, backend=None) -> torch.Tensor:
@@ -88,30 +89,3 @@ def dst_basis(n: int, r: int, *, kind: str = "dst1", dtype=torch.float32, device
     device = torch.device(device) if device is not None else torch.device("cpu")
     _, impl = dispatch.resolve("dst_basis", device, backend)
     return impl(n, r, kind, dtype, device)
-
-
-def scaled_basis(n: int, r: int, scale: torch.Tensor, *, kind: str = "dst1", dtype=torch.float32,
-                 backend=None) -> torch.Tensor:
-    """``diag(scale) · dst_basis(n, r)``: the basis with row i scaled by ``scale[i]`` (length n, any float dtype,
-    on the output's device), computed in one pass and rounded once. Scales the bases by a weight's norms, e.g.
-    ``scaled_basis(out, r, weight_moments(W, rows=True).row_norms())`` for the out×r side and ``col_norms()`` for the
-    in×r side.
-    """
-    _check(n, r, kind)
-    if not isinstance(scale, torch.Tensor) or scale.shape != (n,) or not scale.is_floating_point():
-        raise ValueError(f"loram_fast.scaled_basis: scale must be a float tensor of shape ({n},), got "
-                         f"{getattr(scale, 'dtype', type(scale).__name__)} {tuple(getattr(scale, 'shape', ()))}")
-    _, impl = dispatch.resolve("scaled_basis", scale.device, backend)
-    return impl(n, r, scale, kind, dtype)
-
-
-def dst_basis_batched(shapes: Sequence[tuple[int, int]], *, kind: str = "dst1", dtype=torch.float32, device=None,
-                      backend=None) -> list[torch.Tensor]:
-    """Many bases at once: ``[dst_basis(n, r) for n, r in shapes]``. Compiled backends fill every basis
-    in one launch (a flat buffer with offsets); the results are views into it."""
-    shapes = [(int(n), int(r)) for n, r in shapes]
-    for n, r in shapes:
-        _check(n, r, kind)
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    _, impl = dispatch.resolve("dst_basis_batched", device, backend)
-    return impl(shapes, kind, dtype, device)

@@ -5,8 +5,11 @@ compiled extension), ``torch`` (the plain-torch references, always there). Autom
 triton → cuda → torch; CPU tensors cpu-ext → torch (see ``_CPU_ORDER``). GPU kernels are launched on the
 device of the op's first tensor argument.
 
-An op module registers one implementation per backend with :func:`register`; :func:`resolve`
-picks the first available backend that has an implementation for the tensor's device.
+Each op module (``ops/<op>.py``) holds the op's plain-torch reference and registers every backend's
+implementation with :func:`register` (:func:`lazy` for kernels in ``loram_fast.triton_kernels``, imported on first
+use) and the op's fake kernel with :func:`on_native_load` (run once the compiled extension is loaded);
+:func:`resolve` picks the first available backend that has an implementation for the tensor's device. Nothing
+here knows an op, and no op knows which backend runs it.
 ``backend=`` or the ``LORAM_FAST_BACKEND`` environment variable forces one; a forced backend that is
 unavailable, or does not run on the tensor's device, raises ``RuntimeError``; an op the forced backend does not
 implement runs on the automatic choice (logged once per backend and op), so composite ops (randomized SVD,
@@ -37,16 +40,51 @@ _CPU_ORDER = ("cpu-ext", "torch")
 _IMPLS: dict[str, dict[str, Callable]] = {}
 
 
-def register(op: str, backend: str):
-    """Decorator: ``fn`` implements ``op`` on ``backend``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"loram_fast.dispatch: unknown backend {backend!r}; valid: {BACKENDS}")
+def register(op: str, *backends: str):
+    """Decorator: ``fn`` implements ``op`` on each of ``backends``."""
+    for backend in backends:
+        if backend not in BACKENDS:
+            raise ValueError(f"loram_fast.dispatch: unknown backend {backend!r}; valid: {BACKENDS}")
 
     def deco(fn):
-        _IMPLS.setdefault(op, {})[backend] = _on_input_device(fn) if backend in ("triton", "cuda") else fn
+        for backend in backends:
+            _IMPLS.setdefault(op, {})[backend] = _on_input_device(fn) if backend in ("triton", "cuda") else fn
         return fn
 
     return deco
+
+
+def lazy(module: str, name: str) -> Callable:
+    """A function that imports ``module`` on its first call and calls ``module.name`` (kernel modules that need
+    triton stay unimported until a kernel of theirs runs)."""
+
+    @functools.wraps(lazy)
+    def call(*args, **kwargs):
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    call.__name__ = name
+    return call
+
+
+_NATIVE_SETUP: list[Callable[[], None]] = []
+_NATIVE_LOADED = False
+
+
+def on_native_load(fn: Callable[[], None]) -> Callable[[], None]:
+    """Decorator: run ``fn`` once the compiled extension is loaded (the fake kernels of an op's operators); at once
+    when it is loaded already."""
+    _NATIVE_SETUP.append(fn)
+    if _NATIVE_LOADED:
+        fn()
+    return fn
+
+
+def _native_setup() -> None:
+    global _NATIVE_LOADED
+    if not _NATIVE_LOADED:
+        _NATIVE_LOADED = True
+        for fn in _NATIVE_SETUP:
+            fn()
 
 
 def _on_input_device(fn: Callable) -> Callable:
@@ -92,6 +130,8 @@ def _probe_uncached(backend: str) -> bool | str:
         from loram_fast import _ext
 
         status = _ext.status(cuda=backend == "cuda")
+        if status is True:
+            _native_setup()
         return status
     raise ValueError(f"loram_fast.dispatch: unknown backend {backend!r}; valid: {BACKENDS}")
 

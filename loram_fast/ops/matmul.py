@@ -36,6 +36,9 @@ def matmul_f32_reference(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return out
 
 
+dispatch.register("matmul_f32", "triton")(dispatch.lazy("loram_fast.triton_kernels.matmul", "matmul_f32"))
+
+
 def matmul_f32(A: torch.Tensor, B: torch.Tensor, *, backend=None) -> torch.Tensor:
     """``A.float() @ B.float()`` without a full fp32 copy of a low-precision A. Shapes as torch.matmul."""
     if A.dim() < 2 or B.dim() < 2 or A.shape[-1] != B.shape[-2]:

@@ -1,13 +1,17 @@
-"""One-pass moments of a weight: sum, sum of squares, per-row and per-column sums of squares.
+"""One-pass moments of a weight: count, sum and sum of squares, for its variance.
 
-``weight_moments(W)`` reads W (m×n, fp32/fp16/bf16, any strides) without a full-size fp32 or fp64 copy, with
-fp32 per-row partial results combined in fp64 for the totals, and fp32 row/column vectors.
+``weight_moments(W)`` reads W (m×n, fp32/fp16/bf16, any strides) without a full-size fp32 or fp64 copy: per-row
+sums and sums of squares in fp32 (every backend), combined across rows in fp64 (:func:`combine_rows`).
 ``variance(m)`` then gives ``torch.var(W.float())`` (unbiased) from the totals.
+
+Backends: ``torch`` (the reference below), ``cpu-ext`` / ``cuda`` (``row_moments`` of csrc/: eight fp32 lanes
+flushed to fp64 every 4096 entries on the CPU, one block per row on the GPU), ``triton``
+(``triton_kernels/moments.py``).
 """
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
@@ -21,17 +25,9 @@ class Moments(NamedTuple):
     count: int
     sum: torch.Tensor  # 0-d fp64
     sumsq: torch.Tensor  # 0-d fp64
-    row_sq: Optional[torch.Tensor]  # (m,) fp32: sum_j W[i, j]^2, or None
-    col_sq: Optional[torch.Tensor]  # (n,) fp32: sum_i W[i, j]^2, or None
 
     def variance(self) -> float:
         return variance(self)
-
-    def row_norms(self) -> torch.Tensor:
-        return self.row_sq.sqrt()
-
-    def col_norms(self) -> torch.Tensor:
-        return self.col_sq.sqrt()
 
 
 def variance(m: Moments) -> float:
@@ -49,6 +45,12 @@ def _check(W: torch.Tensor) -> None:
                          f"with shape {tuple(getattr(W, 'shape', ()))}")
     if W.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise TypeError(f"loram_fast.weight_moments: unsupported dtype {W.dtype}; expected fp32, fp16 or bf16")
+
+
+def row_major(W: torch.Tensor) -> torch.Tensor:
+    """W, or its transpose when W is a column-major view (a Conv1D weight seen as out×in): the totals are the same
+    and the reduction runs along contiguous memory."""
+    return W.T if W.stride(1) != 1 and W.stride(0) == 1 and W.shape[0] > 1 else W
 
 
 # mean²/var above which the sum / sum-of-squares form loses digits to cancellation: use var_mean instead
@@ -70,8 +72,7 @@ def _var_mean_chunked(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return total, total_sq
 
 
-def combine_rows(W: torch.Tensor, row_sum: torch.Tensor, row_sq: torch.Tensor, rows: bool,
-                 col_sq: Optional[torch.Tensor]) -> Moments:
+def combine_rows(W: torch.Tensor, row_sum: torch.Tensor, row_sq: torch.Tensor) -> Moments:
     """Moments from per-row sums and sums of squares (fp32, from any backend), combined in fp64. When
     mean² > 1e4·var the sum-of-squares form would cancel digits: ``torch.var_mean`` over row chunks then gives
     the totals instead."""
@@ -83,43 +84,53 @@ def combine_rows(W: torch.Tensor, row_sum: torch.Tensor, row_sq: torch.Tensor, r
     var = (float(total_sq) - float(total) ** 2 / count) / max(count - 1, 1)
     if count > 1 and math.isfinite(var) and mean2 > _CANCELLATION_LIMIT * max(var, 0.0):
         total, total_sq = _var_mean_chunked(W)
-    return Moments(count, total, total_sq, row_sq if rows else None, col_sq)
+    return Moments(count, total, total_sq)
 
 
 @dispatch.register("weight_moments", "torch")
-def weight_moments_reference(W: torch.Tensor, rows: bool = False, cols: bool = False) -> Moments:
-    """Plain-torch reference: per-row sums and L2 norms in fp32 (read in place, no copy of W), combined across
-    rows in fp64 (relative error ~1e-9 on LLM-sized rows); see :func:`combine_rows`. A transposed view (a Conv1D
-    weight) is reduced in its stored orientation, where the reductions are contiguous."""
-    if W.stride(1) != 1 and W.stride(0) == 1 and W.shape[0] > 1:
-        t = weight_moments_reference(W.T, rows=cols, cols=rows)
-        return Moments(t.count, t.sum, t.sumsq, t.col_sq, t.row_sq)
-    if W.dtype == torch.float32:  # read in place
-        row_sum = W.sum(dim=1)
-        row_sq = torch.linalg.vector_norm(W, dim=1).square()
-        col_sq = torch.linalg.vector_norm(W, dim=0).square() if cols else None
-        return combine_rows(W, row_sum, row_sq, rows, col_sq)
-    # fp16/bf16: torch's dtype=float32 reductions would upcast all of W at once; convert ~4 MiB row chunks instead
+def weight_moments_reference(W: torch.Tensor) -> Moments:
+    """Plain-torch reference: per-row sums and sums of squares in fp32 (fp32 W read in place; fp16/bf16 converted
+    ~4 MiB row chunks at a time), combined across rows in fp64 (relative error ~1e-9 on LLM-sized rows)."""
+    W = row_major(W)
+    if W.dtype == torch.float32:
+        return combine_rows(W, W.sum(dim=1), torch.linalg.vector_norm(W, dim=1).square())
     m, n = W.shape
     step = max(1, (_CHUNK_ELEMS // 4) // max(n, 1))
     row_sum = torch.empty(m, dtype=torch.float32, device=W.device)
     row_sq = torch.empty(m, dtype=torch.float32, device=W.device)
-    col_sq = torch.zeros(n, dtype=torch.float32, device=W.device) if cols else None
     for start in range(0, m, step):
         c = W[start:start + step].float()
         row_sum[start:start + step] = c.sum(dim=1)
         row_sq[start:start + step] = torch.linalg.vector_norm(c, dim=1).square()
-        if cols:
-            col_sq += c.square_().sum(dim=0)
-    return combine_rows(W, row_sum, row_sq, rows, col_sq)
+    return combine_rows(W, row_sum, row_sq)
 
 
-def weight_moments(W: torch.Tensor, *, rows: bool = False, cols: bool = False, backend=None) -> Moments:
-    """Moments of W (m×n) in one pass: ``count``, ``sum``, ``sumsq`` (fp64 0-d tensors) and, when asked,
-    ``row_sq`` (m,) and ``col_sq`` (n,) sums of squares in fp32 (``.row_norms()``/``.col_norms()`` for L2 norms).
+@dispatch.register("weight_moments", "cpu-ext", "cuda")
+def weight_moments_native(W: torch.Tensor) -> Moments:
+    W = row_major(W)
+    return combine_rows(W, *torch.ops.loram_fast.row_moments(W))
+
+
+@dispatch.register("weight_moments", "triton")
+def weight_moments_triton(W: torch.Tensor) -> Moments:
+    from loram_fast.triton_kernels.moments import row_moments
+
+    W = row_major(W)
+    return combine_rows(W, *row_moments(W))
+
+
+@dispatch.on_native_load
+def _fake() -> None:
+    @torch.library.register_fake("loram_fast::row_moments")
+    def _(W):
+        return W.new_empty(W.shape[0], dtype=torch.float32), W.new_empty(W.shape[0], dtype=torch.float32)
+
+
+def weight_moments(W: torch.Tensor, *, backend=None) -> Moments:
+    """Moments of W (m×n) in one pass: ``count`` and fp64 0-d ``sum``, ``sumsq``.
 
     >>> mom = weight_moments(W); mom.variance()   # == torch.var(W.float()).item()
     """
     _check(W)
     _, impl = dispatch.resolve("weight_moments", W.device, backend)
-    return impl(W, rows, cols)
+    return impl(W)

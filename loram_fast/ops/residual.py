@@ -5,12 +5,21 @@
   rounded once to W's dtype; no m×n fp32 temporary of the whole weight is made.
 - ``apply_residual(W, residual, sign)``: one of the two residual descriptions below, applied in place
   (``sign=-1`` writes it, ``+1`` adds it back): the one place that turns a method's residual into a write.
-- ``loram_residual_(W, coef, r, kind)``: ``W ← W − coef · V_r @ U_r`` with ``V_r = dst_basis(m, r)`` and
-  ``U_r = dst_basis(n, r).T``: the LoRAM residual with ``coef = scaling · β²``. Compiled backends
-  generate the basis tiles in the kernel.
+- ``loram_residual_(W, coef, r, kind)``: ``W ← W − coef · V_r @ U_rᵀ`` with ``V_r = dst_basis(m, r)`` and
+  ``U_r = dst_basis(n, r)``: the LoRAM residual with ``coef = scaling · β²``.
+
+Backends of ``lowrank_update_``: ``torch`` (fp32 ``addmm`` over row chunks), ``cpu-ext`` (BLAS product of a row
+chunk, then one fused vectorised pass that adds and rounds), ``cuda`` (tiled fp32 FMA kernel), ``triton``.
+
+Backends of ``loram_residual_``: ``torch`` is the reference product of the two bases (O(r) work per entry);
+``cpu-ext``, ``cuda`` and ``triton`` use the closed form of ``csrc/kernel_math.h`` (O(1) work per entry for any r,
+one pass over W, no basis matrix): ``V_r U_rᵀ[i, j] = amp · K(i, j)``,
+``K = (p_i q_j − q_i p_j) / (c_j − c_i)`` from per-row and per-column terms (:func:`closed_form_terms`), and the
+Dirichlet kernels at exact integer phases where ``|c_j − c_i| < NEAR_TOL`` (:func:`closed_form_exact`).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -51,6 +60,15 @@ def lowrank_update_reference_(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
     return W
 
 
+@dispatch.register("lowrank_update_", "cpu-ext", "cuda")
+def lowrank_update_native_(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, alpha: float) -> torch.Tensor:
+    torch.ops.loram_fast.lowrank_update_(W, B.to(W.device), A.to(W.device), float(alpha))
+    return W
+
+
+dispatch.register("lowrank_update_", "triton")(dispatch.lazy("loram_fast.triton_kernels.residual", "lowrank_update"))
+
+
 def lowrank_update_(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, alpha: float, *, backend=None) -> torch.Tensor:
     """``W ← W + alpha · B @ A`` in place, fp32 math, W's dtype kept. Returns W."""
     _check(W, B, A)
@@ -71,16 +89,130 @@ def loram_residual_reference_(W: torch.Tensor, coef: float, r: int, kind: str = 
     return lowrank_update_reference_(W, V, U.T, -coef)
 
 
+# |c_j − c_i| below which the closed form's entry comes from exact phases (kmath::kNearTol in csrc/kernel_math.h)
+NEAR_TOL = 1e-4
+KINDS = ("dst1", "dct2")
+
+
+def _reduced_angle(a: torch.Tensor, b: int) -> torch.Tensor:
+    """π a / b in fp64 with the integer phase a (int64) reduced into (−b, b] first."""
+    t = torch.remainder(a, 2 * b)
+    t = torch.where(t > b, t - 2 * b, t)
+    return t.double() * (math.pi / b)
+
+
+def _sinpi(a: torch.Tensor, b: int) -> torch.Tensor:
+    return torch.sin(_reduced_angle(a, b))
+
+
+def _cospi(a: torch.Tensor, b: int) -> torch.Tensor:
+    return torch.cos(_reduced_angle(a, b))
+
+
+def closed_form_terms(n: int, r: int, kind: str, device=None) -> torch.Tensor:
+    """(3, n) fp64: the rows p, q, cos θ of ``kmath::closed_form_terms`` for every index of a length-n basis."""
+    i = torch.arange(n, dtype=torch.int64, device=device)
+    if kind == "dst1":
+        a, h = i + 1, 2 * (n + 1)
+        w = (2 * r + 1) * a
+        return torch.stack([_sinpi(w, h) * _cospi(a, h), _cospi(w, h) * _sinpi(a, h), _cospi(a, n + 1)])
+    a, h = 2 * i + 1, 4 * n
+    w = (2 * r - 1) * a
+    return torch.stack([_sinpi(w, h) * _sinpi(a, h), _cospi(w, h) * _cospi(a, h), _cospi(a, 2 * n)])
+
+
+def closed_form_amp(m: int, n: int, kind: str) -> float:
+    return 2.0 / math.sqrt((m + 1) * (n + 1)) if kind == "dst1" else 2.0 / math.sqrt(m * n)
+
+
+def _dirichlet(phase: torch.Tensor, half: int, R: int) -> torch.Tensor:
+    """D_R(π P / H) = Σ_{k=1..R} cos(k π P / H) at exact phases (fp64)."""
+    if R <= 0:
+        return torch.zeros(phase.shape, dtype=torch.float64, device=phase.device)
+    p = torch.remainder(phase, 2 * half)
+    zero = p == 0
+    ps = torch.where(zero, torch.ones_like(p), p)
+    val = _sinpi(R * ps, 2 * half) * _cospi((R + 1) * ps, 2 * half) / _sinpi(ps, 2 * half)
+    return torch.where(zero, torch.full_like(val, float(R)), val)
+
+
+def closed_form_exact(i: torch.Tensor, j: torch.Tensor, m: int, n: int, r: int, kind: str) -> torch.Tensor:
+    """K(i, j) (fp64) from the Dirichlet kernels at exact integer phases: ``kmath::closed_form_exact``."""
+    if kind == "dst1":
+        half, a, b = (m + 1) * (n + 1), (i + 1) * (n + 1), (j + 1) * (m + 1)
+        return 0.5 * (_dirichlet(a - b, half, r) - _dirichlet(a + b, half, r))
+    half, a, b = 2 * m * n, (2 * i + 1) * n, (2 * j + 1) * m
+    return 0.5 + 0.5 * (_dirichlet(a - b, half, r - 1) + _dirichlet(a + b, half, r - 1))
+
+
+def closed_form_irregular(row_c: torch.Tensor, col_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index pairs (i, j) with ``|col_c[j] − row_c[i]| < NEAR_TOL`` (a few per row: cos θ decreases with the
+    index, so each row's set is one short run, found by binary search)."""
+    asc = -col_c  # ascending
+    lo = torch.searchsorted(asc, -row_c - 2 * NEAR_TOL)
+    hi = torch.searchsorted(asc, -row_c + 2 * NEAR_TOL, right=True)
+    width = int((hi - lo).max()) if hi.numel() else 0
+    if width <= 0:
+        empty = torch.empty(0, dtype=torch.int64, device=row_c.device)
+        return empty, empty
+    i = torch.arange(row_c.numel(), device=row_c.device)[:, None].expand(-1, width)
+    j = lo[:, None] + torch.arange(width, device=row_c.device)[None, :]
+    inside = j < hi[:, None]
+    j = j.clamp_max(col_c.numel() - 1)
+    near = inside & ((col_c[j] - row_c[i]).abs() < NEAR_TOL)
+    return i[near], j[near]
+
+
+def loram_residual_triton_(W: torch.Tensor, coef: float, r: int, kind: str = "dst1", bases=None) -> torch.Tensor:
+    """Closed form in the Triton kernel for the regular entries; the few irregular ones from exact phases here,
+    rounded once like the rest."""
+    from loram_fast.triton_kernels.residual import loram_residual
+
+    if W.stride(1) != 1 and W.stride(0) == 1 and W.shape[0] > 1:
+        W = W.T  # V Uᵀ transposed: the same formula with m and n swapped
+    m, n = W.shape
+    rows = closed_form_terms(m, r, kind, W.device)
+    cols = closed_form_terms(n, r, kind, W.device)
+    scale = -coef * closed_form_amp(m, n, kind)
+    loram_residual(W, rows.reshape(-1), cols.reshape(-1), scale, NEAR_TOL)
+    i, j = closed_form_irregular(rows[2], cols[2])
+    if i.numel():
+        k = closed_form_exact(i, j, m, n, r, kind).float()
+        W[i, j] = (W[i, j].float() + float(scale) * k).to(W.dtype)
+    return W
+
+
+dispatch.register("loram_residual_", "triton")(loram_residual_triton_)
+
+
+@dispatch.register("loram_residual_", "cpu-ext", "cuda")
+def loram_residual_native_(W: torch.Tensor, coef: float, r: int, kind: str = "dst1", bases=None) -> torch.Tensor:
+    """The closed form in csrc/ (``bases`` unused: no basis matrix is needed)."""
+    torch.ops.loram_fast.loram_residual_(W, float(coef), int(r), KINDS.index(kind))
+    return W
+
+
+@dispatch.on_native_load
+def _fake() -> None:
+    torch.library.register_fake("loram_fast::lowrank_update_")(lambda W, B, A, alpha: None)
+    torch.library.register_fake("loram_fast::loram_residual_")(lambda W, coef, r, kind: None)
+
+
 def loram_residual_(W: torch.Tensor, coef: float, r: int, kind: str = "dst1", *, backend=None,
                     bases: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """``W ← W − coef · dst_basis(m, r) @ dst_basis(n, r).T`` in place (W m×n). Returns W.
 
-    ``bases = (dst_basis(m, r), dst_basis(n, r))``, when the caller has them, spares a backend that needs the
-    bases as matrices rebuilding them (the torch reference); the Triton kernel generates its basis tiles itself."""
+    ``bases = (dst_basis(m, r), dst_basis(n, r))``, when the caller has them, spares the torch reference rebuilding
+    them; the other backends use the closed form and need no basis."""
     if W.dim() != 2:
         raise ValueError(f"loram_fast.loram_residual_: W must be 2-D, got shape {tuple(W.shape)}")
     if W.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"loram_fast.loram_residual_: unsupported weight dtype {W.dtype}")
+    if kind not in KINDS:
+        raise ValueError(f"loram_fast.loram_residual_: unknown kind {kind!r}; valid: {KINDS}")
+    if not isinstance(r, int) or not 1 <= r <= min(W.shape):
+        raise ValueError(f"loram_fast.loram_residual_: need an integer 1 <= r <= min(m, n), got r={r!r} for W "
+                         f"{tuple(W.shape)}")
     if bases is not None:
         V, U = bases
         if V.shape != (W.shape[0], r) or U.shape != (W.shape[1], r):

@@ -68,7 +68,7 @@ def cholesky_qr(Y: torch.Tensor, *, backend=None) -> torch.Tensor:
 def orthonormalize(Y: torch.Tensor, *, backend=None) -> torch.Tensor:
     """Orthonormal basis of Y's columns: CholeskyQR2 on GPUs (GEMMs instead of a serial Householder QR);
     LAPACK's Householder QR on the CPU, where it is faster for these tall, skinny panels."""
-    if Y.device.type == "cpu" and backend in (None, "torch"):
+    if Y.device.type == "cpu":
         return torch.linalg.qr(Y.float()).Q
     return cholesky_qr(Y, backend=backend)
 
