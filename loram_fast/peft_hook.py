@@ -54,9 +54,11 @@ def _make_reset_lora_parameters(original):
         if spec.needs_data:
             if spec.writes_residual(options):
                 raise ValueError(f"loram_fast: adapter {adapter_name!r} was initialised by {name!r}, whose residual in "
-                                 "the base weight came from training data and cannot be rebuilt here. Save it as a "
-                                 "plain LoRA instead (save_pretrained(..., path_initial_model_for_weight_conversion="
-                                 "...), see README 'Save, reload, convert'), or save the base model with its residual")
+                                 "the base weight came from training data and cannot be rebuilt here. Onto the original "
+                                 "base: save it converted to plain LoRA (save_pretrained(..., "
+                                 "path_initial_model_for_weight_conversion=...)). Onto a base that already holds the "
+                                 "residual: PeftModel.from_pretrained(base, path, config=loram_fast.peft_hook."
+                                 "residual_base_config(path)). See README 'Save, reload, convert'")
             if not recorded:
                 # no data in a LoraConfig: peft's default init, as peft does for its own "lora_ga" without data
                 _warn_once(name, adapter_name)
@@ -71,6 +73,7 @@ def _make_reset_lora_parameters(original):
     return reset_lora_parameters
 
 
+# (method, adapter) pairs warned about during the current injection: one warning per adapter of one model
 _WARNED: set = set()
 # the model peft is injecting adapters into (set around BaseTuner.inject_adapter), with its parameters grouped by
 # storage on first use: lets the hook see weights that a layer's base weight shares (tied embeddings)
@@ -80,6 +83,7 @@ _INJECTING: contextvars.ContextVar = contextvars.ContextVar("loram_fast_injectin
 def _make_inject_adapter(original):
     def inject_adapter(self, model, *args, **kwargs):
         token = _INJECTING.set({"model": model, "storages": None})
+        _WARNED.clear()
         try:
             return original(self, model, *args, **kwargs)
         finally:
@@ -98,8 +102,19 @@ def _storages() -> dict:
     return state["storages"]
 
 
+def residual_base_config(path: str, **kwargs):
+    """The adapter's saved ``LoraConfig`` with ``init_lora_weights=True``: for loading an adapter whose residual came
+    from data (``lora_ga``) onto a base model that already holds that residual (you saved the base after the init),
+    where nothing is to be rebuilt. ``kwargs`` go to ``LoraConfig.from_pretrained``."""
+    from peft import LoraConfig
+
+    config = LoraConfig.from_pretrained(path, **kwargs)
+    config.init_lora_weights = True
+    return config
+
+
 def _warn_once(name: str, adapter_name: str) -> None:
-    """One warning per method and adapter, not one per layer."""
+    """One warning per method and adapter of the model being injected, not one per layer."""
     if (name, adapter_name) in _WARNED:
         return
     _WARNED.add((name, adapter_name))

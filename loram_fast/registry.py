@@ -168,6 +168,8 @@ def _svd_method(name: str, which: str, niter: Optional[int], description: str, r
         return init_batch([W], r, [scaling], backend=backend, **options)[0]
 
     options = {"oversample": _opt.integer(0)} if niter is not None else {}
+    if niter is None and which == "top":
+        options = {"solver": _opt.choice("iterative", "svd")}
     return Method(name=name, init=init, init_batch=init_batch, residual=True, description=description,
                   options=options, check=_svd.check_rank, reference=reference)
 
@@ -184,7 +186,9 @@ def _olora_method() -> Method:
                   check=_svd.check_rank, reference="peft LoraLayer.olora_init; arXiv 2406.01775")
 
 
-register(_svd_method("pissa", "top", None, "PiSSA: top-r singular triplets (exact SVD), sqrt(S/s) split, residual in W",
+register(_svd_method("pissa", "top", None,
+                     "PiSSA: exact top-r singular triplets (iterated to a residual test, or the full SVD), sqrt(S/s) "
+                     "split, residual in W",
                      "peft LoraLayer.pissa_init; arXiv 2404.02948"))
 register(_svd_method("milora", "bottom", None,
                      "MiLoRA: the r smallest singular triplets (exact SVD), sqrt(S/s) split, residual in W",

@@ -3,8 +3,10 @@
 For W (out×in) with SVD ``W = U diag(S) Vh``, rank r, LoRA scaling s:
 - PiSSA (peft ``pissa_init``):   ``A = diag(sqrt(S_r/s)) Vh_r``, ``B = U_r diag(sqrt(S_r/s))`` with the top r
   triplets, so ``s·B A = U_r S_r Vh_r`` (the best rank-r approximation) and ``W ← W − s·B A``.
-  ``pissa`` uses the exact SVD (as peft); ``pissa_niter_N`` our randomized SVD with N power iterations and
-  oversampling (peft calls ``torch.svd_lowrank`` with q = r and no oversampling).
+  ``pissa`` computes the exact top-r triplets (as peft's full SVD does) with :func:`~loram_fast.ops.topsvd.top_svd`:
+  subspace iteration until an a-posteriori residual test passes, falling back to the full SVD where iteration
+  would be slow (``solver="svd"`` always runs the full SVD); ``pissa_niter_N`` our randomized SVD with N power
+  iterations and oversampling (peft calls ``torch.svd_lowrank`` with q = r and no oversampling).
 - MiLoRA (arXiv 2406.09044): the same split with the r *smallest* triplets; the residual keeps the principal part.
 - OLoRA (peft ``olora_init``): ``W = Q R``; ``A = R[:r]``, ``B = Q[:, :r]`` (no division by s), ``W ← W − s·B A``.
   Only the first r columns matter: ``Q[:, :r]`` is the Q factor of ``W[:, :r]`` and ``R[:r] = Q[:, :r]ᵀ W``, so we
@@ -18,6 +20,7 @@ import torch
 
 from ..ops.matmul import matmul_f32
 from ..ops.rsvd import randomized_svd
+from ..ops.topsvd import top_svd
 from .common import LayerInit, product_residual
 
 # fp32 bytes of one stacked batch: larger groups are processed in several batches
@@ -37,11 +40,22 @@ def _check_finite(W: torch.Tensor, name: str) -> None:
         raise ValueError(f"loram_fast.{name}: the weight holds NaN or Inf values")
 
 
+def _check_finite_streamed(W: torch.Tensor, name: str) -> None:
+    """The same check without a full-size boolean temporary of a large weight."""
+    flat = W.reshape(-1, W.shape[-1])
+    step = max(1, (1 << 22) // max(W.shape[-1], 1))
+    for start in range(0, flat.shape[0], step):
+        _check_finite(flat[start:start + step], name)
+
+
 def svd_factors(W: torch.Tensor, r: int, scalings: torch.Tensor, *, which: str, niter: int | None,
-                oversample: int = 8, backend=None):
+                oversample: int = 8, solver: str = "iterative", backend=None):
     """(A, B) batched for PiSSA (``which="top"``) or MiLoRA (``"bottom"``) on W (b, out, in)."""
     name = "pissa" if which == "top" else "milora"
-    if niter is None:
+    if niter is None and which == "top" and solver == "iterative":
+        _check_finite_streamed(W, name)
+        U, S, Vh, _, _ = top_svd(W, r, backend=backend)
+    elif niter is None:
         Wf = W.float()
         _check_finite(Wf, name)
         U, S, Vh = torch.linalg.svd(Wf, full_matrices=False)
@@ -83,10 +97,11 @@ def _batched(views: list[torch.Tensor], fn, scalings: list[float]):
     return out
 
 
-def svd_init_batch(views, r, scalings, *, which="top", niter=None, oversample=8, backend=None, bases=None):
+def svd_init_batch(views, r, scalings, *, which="top", niter=None, oversample=8, solver="iterative", backend=None,
+                   bases=None):
     """LayerInits for PiSSA/MiLoRA on same-shaped weights (one batched factorisation per memory batch)."""
     pairs = _batched(views, lambda W, s: svd_factors(W, r, s, which=which, niter=niter, oversample=oversample,
-                                                      backend=backend), scalings)
+                                                      solver=solver, backend=backend), scalings)
     return [_with_residual(A, B, s) for (A, B), s in zip(pairs, scalings)]
 
 

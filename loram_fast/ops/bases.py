@@ -29,29 +29,29 @@ def _check(n: int, r: int, kind: str) -> None:
         raise ValueError(f"loram_fast.dst_basis: r={r} > n={n}: only n orthonormal vectors of length n exist")
 
 
-def basis_phase(n: int, r: int, kind: str, device=None) -> tuple[torch.Tensor, int, float]:
-    """Integer phases P (n×r int64), half-period H and amplitude so that the basis is
-    ``amp · sinpi(P / H)`` for dst1 and ``amp · cospi(P / H)`` (column scale c_k aside) for dct2,
-    with ``0 <= P < 2H``."""
-    i = torch.arange(n, device=device, dtype=torch.int64).unsqueeze(1)
-    k = torch.arange(r, device=device, dtype=torch.int64).unsqueeze(0)
-    if kind == "dst1":
-        half = n + 1
-        return ((i + 1) * (k + 1)) % (2 * half), half, math.sqrt(2.0 / (n + 1))
-    half = 2 * n
-    return ((2 * i + 1) * k) % (2 * half), half, math.sqrt(2.0 / n)
+def reduced_angle(phase: torch.Tensor, half: int) -> torch.Tensor:
+    """``π·phase/half`` in fp64 with the integer phase (int64) first reduced into (−half, half]: the angle of
+    ``sin(π·phase/half)`` and ``cos(π·phase/half)`` with the least rounding (``kmath::reduce_phase`` in
+    csrc/kernel_math.h)."""
+    t = torch.remainder(phase, 2 * half)
+    return torch.where(t > half, t - 2 * half, t).double() * (math.pi / half)
+
+
+def sinpi_frac(phase: torch.Tensor, half: int) -> torch.Tensor:
+    return torch.sin(reduced_angle(phase, half))
+
+
+def cospi_frac(phase: torch.Tensor, half: int) -> torch.Tensor:
+    return torch.cos(reduced_angle(phase, half))
 
 
 def _basis_f64(n: int, r: int, kind: str, device=None) -> torch.Tensor:
-    phase, half, amp = basis_phase(n, r, kind, device)
-    # map to the symmetric range (-H, H] so the fp64 angle stays small
-    phase = torch.where(phase > half, phase - 2 * half, phase).double()
-    ang = phase * (math.pi / half)
+    i = torch.arange(n, device=device, dtype=torch.int64).unsqueeze(1)
+    k = torch.arange(r, device=device, dtype=torch.int64).unsqueeze(0)
     if kind == "dst1":
-        out = amp * torch.sin(ang)
-    else:
-        out = amp * torch.cos(ang)
-        out[:, 0] *= 1.0 / math.sqrt(2.0)
+        return math.sqrt(2.0 / (n + 1)) * sinpi_frac((i + 1) * (k + 1), n + 1)
+    out = math.sqrt(2.0 / n) * cospi_frac((2 * i + 1) * k, 2 * n)
+    out[:, 0] *= 1.0 / math.sqrt(2.0)
     return out
 
 

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 
 from . import dispatch
+from .layout import stored_transposed
 
 # rows per chunk in the torch reference: keeps the fp64 temporary near 8 MiB
 _CHUNK_ELEMS = 1 << 20
@@ -50,7 +51,7 @@ def _check(W: torch.Tensor) -> None:
 def row_major(W: torch.Tensor) -> torch.Tensor:
     """W, or its transpose when W is a column-major view (a Conv1D weight seen as out×in): the totals are the same
     and the reduction runs along contiguous memory."""
-    return W.T if W.stride(1) != 1 and W.stride(0) == 1 and W.shape[0] > 1 else W
+    return W.T if stored_transposed(W) else W
 
 
 # mean²/var above which the sum / sum-of-squares form loses digits to cancellation: use var_mean instead

@@ -26,7 +26,8 @@ from typing import Optional, Union
 import torch
 
 from . import dispatch
-from .bases import dst_basis
+from .bases import cospi_frac, dst_basis, sinpi_frac
+from .layout import stored_transposed
 
 # rows per chunk in the torch reference: keeps each fp32 temporary near 4 MiB
 _CHUNK_ELEMS = 1 << 20
@@ -94,31 +95,16 @@ NEAR_TOL = 1e-4
 KINDS = ("dst1", "dct2")
 
 
-def _reduced_angle(a: torch.Tensor, b: int) -> torch.Tensor:
-    """π a / b in fp64 with the integer phase a (int64) reduced into (−b, b] first."""
-    t = torch.remainder(a, 2 * b)
-    t = torch.where(t > b, t - 2 * b, t)
-    return t.double() * (math.pi / b)
-
-
-def _sinpi(a: torch.Tensor, b: int) -> torch.Tensor:
-    return torch.sin(_reduced_angle(a, b))
-
-
-def _cospi(a: torch.Tensor, b: int) -> torch.Tensor:
-    return torch.cos(_reduced_angle(a, b))
-
-
 def closed_form_terms(n: int, r: int, kind: str, device=None) -> torch.Tensor:
     """(3, n) fp64: the rows p, q, cos θ of ``kmath::closed_form_terms`` for every index of a length-n basis."""
     i = torch.arange(n, dtype=torch.int64, device=device)
     if kind == "dst1":
         a, h = i + 1, 2 * (n + 1)
         w = (2 * r + 1) * a
-        return torch.stack([_sinpi(w, h) * _cospi(a, h), _cospi(w, h) * _sinpi(a, h), _cospi(a, n + 1)])
+        return torch.stack([sinpi_frac(w, h) * cospi_frac(a, h), cospi_frac(w, h) * sinpi_frac(a, h), cospi_frac(a, n + 1)])
     a, h = 2 * i + 1, 4 * n
     w = (2 * r - 1) * a
-    return torch.stack([_sinpi(w, h) * _sinpi(a, h), _cospi(w, h) * _cospi(a, h), _cospi(a, 2 * n)])
+    return torch.stack([sinpi_frac(w, h) * sinpi_frac(a, h), cospi_frac(w, h) * cospi_frac(a, h), cospi_frac(a, 2 * n)])
 
 
 def closed_form_amp(m: int, n: int, kind: str) -> float:
@@ -132,7 +118,7 @@ def _dirichlet(phase: torch.Tensor, half: int, R: int) -> torch.Tensor:
     p = torch.remainder(phase, 2 * half)
     zero = p == 0
     ps = torch.where(zero, torch.ones_like(p), p)
-    val = _sinpi(R * ps, 2 * half) * _cospi((R + 1) * ps, 2 * half) / _sinpi(ps, 2 * half)
+    val = sinpi_frac(R * ps, 2 * half) * cospi_frac((R + 1) * ps, 2 * half) / sinpi_frac(ps, 2 * half)
     return torch.where(zero, torch.full_like(val, float(R)), val)
 
 
@@ -168,7 +154,7 @@ def loram_residual_triton_(W: torch.Tensor, coef: float, r: int, kind: str = "ds
     rounded once like the rest."""
     from loram_fast.triton_kernels.residual import loram_residual
 
-    if W.stride(1) != 1 and W.stride(0) == 1 and W.shape[0] > 1:
+    if stored_transposed(W):
         W = W.T  # V Uᵀ transposed: the same formula with m and n swapped
     m, n = W.shape
     rows = closed_form_terms(m, r, kind, W.device)

@@ -1,0 +1,10 @@
+"""Layout normalisation shared by the ops (``stored_transposed`` in csrc/common.h is the compiled twin)."""
+from __future__ import annotations
+
+import torch
+
+
+def stored_transposed(W: torch.Tensor) -> bool:
+    """True for a column-major view (a GPT-2 Conv1D weight seen as out×in): ops then work on ``W.T``, whose rows
+    are contiguous in memory."""
+    return W.dim() == 2 and W.stride(1) != 1 and W.stride(0) == 1 and W.shape[0] > 1
