@@ -36,6 +36,7 @@ CALL_OPTIONS = {
     "allow_shared_base": opt.boolean(),
     "backend": lambda name, value: value if value is None else opt.choice(*BACKENDS)(name, value),
     "snapshot_device": lambda name, value: value if value is None else _device(name, value),
+    "exact_rollback": opt.boolean(),
 }
 
 
@@ -116,7 +117,10 @@ def init_model(model: nn.Module, method: str = "loram", **kwargs) -> nn.Module:
     - ``allow_shared_base=True``: write a residual even where another adapter of the layer or a tied parameter
       (e.g. an embedding tied to ``lm_head``) shares the base weight, changing their output too (refused otherwise).
     - ``snapshot_device``: where the copies of changed base weights wait until the call returns (exact rollback);
-      default the weight's own device, ``"cpu"`` for GPU models short on memory.
+      default the weight's own device, ``"cpu"`` for GPU models short on memory. ``exact_rollback=False`` keeps no
+      copies (no extra memory; on CPU fresh memory for the copies often costs more than the init itself): a failed
+      call then restores each base weight by adding its residual back, exact up to a rounding of the weight's dtype
+      per undone write, and says so in the error log.
     - ``**options`` go to the method (see ``loram_fast.available_methods()`` and the README); every value is checked
       before anything is computed.
     - Data-driven methods (``lora_one``, ``lora_ga``): ``dataloader=`` (dict batches; loss ``model(**batch).loss``),
@@ -164,7 +168,8 @@ def init_model(model: nn.Module, method: str = "loram", **kwargs) -> nn.Module:
 
     record = format_init_string(spec.name, _recorded_options(spec, options, rounded_residual))
     transaction = Transaction(adapter, config=config, record=record, rounded_residual=rounded_residual,
-                              snapshot_device=call.get("snapshot_device"), backend=backend)
+                              snapshot_device=call.get("snapshot_device"), backend=backend,
+                              exact_rollback=call.get("exact_rollback", True))
     compute_and_write(spec, targets, options, transaction, progress=progress, per_layer=gradients)
     return model
 

@@ -10,7 +10,9 @@ the method and its options (``loram_fast:<name>[...]``), so a reload rebuilds th
 Every step first puts its exact inverse on an undo log: the old adapter tensors, flags, modules, variant and
 frozen names, and a copy of the base weight before its first change (kept on the weight's device, or in host
 memory with ``snapshot_device="cpu"``, until the call returns). Any exception, ``KeyboardInterrupt`` included,
-runs the log backwards: the model is left bit-identical to before the call.
+runs the log backwards: the model is left bit-identical to before the call. With ``exact_rollback=False`` no
+copy is kept: the inverse of a residual write is adding the residual back (exact up to one rounding per entry of
+the weight's dtype for each undone write; the rollback says so in its log line).
 
 Residual records: ``layer._loram_fast_residuals[adapter]`` holds the residual an init subtracted (its factors, or
 LoRAM's basis coefficients), so a second init of the same adapter puts it back first (exact up to one rounding
@@ -18,7 +20,10 @@ of the weight's dtype) instead of stacking two residuals.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
 from typing import Callable, Optional
 
 import torch
@@ -31,6 +36,22 @@ logger = logging.getLogger(__name__)
 
 _RECORD = "_loram_fast_residuals"
 _MISSING = object()
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Hold back SIGINT (Ctrl-C) until the block ends, then deliver it (main thread only; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught and callable(previous):
+        previous(signal.SIGINT, caught[0])
 
 
 def residual_record(layer, adapter: str) -> Optional[Residual]:
@@ -49,8 +70,9 @@ class Transaction:
     """
 
     def __init__(self, adapter: str, *, config=None, record: Optional[str] = None, rounded_residual: bool = False,
-                 snapshot_device=None, backend=None):
+                 snapshot_device=None, backend=None, exact_rollback: bool = True):
         self.adapter = adapter
+        self.exact_rollback = exact_rollback
         self.config = config
         self.record = record
         self.rounded_residual = rounded_residual
@@ -79,7 +101,9 @@ class Transaction:
         try:
             if exc_type is not None:
                 if self._undo:  # something was changed already
-                    logger.error("loram_fast: writing failed (%s); restoring the model", exc_type.__name__)
+                    logger.error("loram_fast: writing failed (%s); restoring the model%s", exc_type.__name__,
+                                 "" if self.exact_rollback else " (exact_rollback=False: base weights up to "
+                                 "rounding)")
                 self.rollback()
             else:
                 self._undo.clear()
@@ -91,11 +115,26 @@ class Transaction:
     # -- steps ---------------------------------------------------------------------------------------------------
     def _save_weight(self, target: LoraTarget) -> None:
         W = target.weight
-        if id(W) in self._saved_weights:
+        if id(W) in self._saved_weights or not self.exact_rollback:
             return
         copy = W.detach().to(self.snapshot_device or W.device, copy=True)
         self._will(lambda: W.data.copy_(copy))
         self._saved_weights.add(id(W))
+
+    def _apply(self, target: LoraTarget, residual: Residual, sign: float) -> None:
+        """Apply a residual to the base weight. Without snapshots its inverse (the opposite sign) goes on the log once
+        the write is complete; the write runs with Ctrl-C deferred (main thread), so it is never left half done."""
+        if self.exact_rollback:
+            apply_residual(target.weight_view(), residual, sign, backend=self.backend)
+            return
+        with _sigint_deferred():
+            try:
+                apply_residual(target.weight_view(), residual, sign, backend=self.backend)
+            except BaseException:
+                logger.error("loram_fast: the residual write of %s failed part way; with exact_rollback=False its "
+                             "base weight cannot be restored", target.name)
+                raise
+            self._will(lambda: apply_residual(target.weight_view(), residual, -sign, backend=self.backend))
 
     def _residual(self, target: LoraTarget, init: LayerInit) -> Optional[Residual]:
         if init.residual is None or not self.rounded_residual:
@@ -111,7 +150,7 @@ class Transaction:
         with torch.no_grad():
             self._save_weight(target)
             self._set_record(target.layer, None)
-            apply_residual(target.weight_view(), previous, +1.0, backend=self.backend)
+            self._apply(target, previous, +1.0)
 
     def write(self, target: LoraTarget, init: LayerInit) -> None:
         """Write one layer (see module docstring); :meth:`fold_back` ran before its init was computed."""
@@ -126,7 +165,7 @@ class Transaction:
                 self._set_adapter(target, name, value)
             self._set_frozen(layer, init.frozen, trainable)
             if residual is not None:
-                apply_residual(target.weight_view(), residual, -1.0, backend=self.backend)
+                self._apply(target, residual, -1.0)
             self._set_record(layer, None if residual is None else (
                 residual.without_bases() if isinstance(residual, BasisResidual) else residual))
 
@@ -145,10 +184,23 @@ class Transaction:
 
     def _set_adapter(self, target: LoraTarget, name: str, value: torch.Tensor) -> None:
         param = getattr(target.layer, name)[self.adapter].weight
-        old = param.detach().clone()
-        self._will(lambda: param.data.copy_(old))
-        # rounded to the base weight's dtype (as the references store them), held in the parameter's own dtype
-        param.data.copy_(value.to(target.weight.dtype))
+        # rounded to the base weight's dtype (as the references store them), held in the parameter's own dtype,
+        # shape and device; a fresh tensor (never one the method's result or a residual record still holds)
+        new = value.to(target.weight.dtype).to(device=param.device, dtype=param.dtype).reshape(param.shape)
+        if new.data_ptr() == value.data_ptr():
+            new = new.clone()
+        data = param.data
+        owns_storage = (type(data) is torch.Tensor and data._base is None and data.is_contiguous()
+                        and data.untyped_storage().nbytes() == data.numel() * data.element_size())
+        if owns_storage:
+            # the parameter's own storage is swapped, not overwritten: the old one is the exact undo, no copy made
+            self._will(lambda: setattr(param, "data", data))
+            param.data = new.contiguous()
+        else:
+            # a view into a larger buffer (a flat parameter, a shared storage) is written in place
+            old = data.clone()
+            self._will(lambda: param.data.copy_(old))
+            param.data.copy_(new)
 
     def _set_middle(self, layer, wanted: bool) -> None:
         """Create (or remove) ``lora_N[adapter]`` and the middle-matrix variant, with undo."""

@@ -153,3 +153,12 @@ def test_moments_large_mean_uses_stable_path():
     m = weight_moments(W.float())
     # mean²/var = 1e10: the plain sum-of-squares form would lose every digit; var_mean keeps fp32 accuracy
     assert math.isclose(m.variance(), torch.var(W.float()).item(), rel_tol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["dst1", "dct2"])
+def test_basis_column_sums_closed_form(kind):
+    from loram_fast.ops.bases import basis_column_sums
+
+    for n, r in [(37, 5), (1000, 256), (6, 6), (2, 1)]:
+        ref = dst_basis(n, r, kind=kind, dtype=torch.float64, backend="torch").sum(0)
+        assert (basis_column_sums(n, r, kind) - ref).abs().max() < 1e-12 * max(1.0, float(ref.abs().max()))

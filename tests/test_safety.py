@@ -229,6 +229,72 @@ def test_interrupt_inside_a_weight_write(llama_base, monkeypatch):
     assert_same(model, before)
 
 
+def _assert_within_one_rounding(model, before):
+    """Everything bit-identical except base weights, which may differ per entry by a rounding or two of their dtype
+    at the scale of the weight's entries (each undone write is one rounding of W ± residual)."""
+    now = full_state(model)
+    for k, v in before["tensors"].items():
+        got = now["tensors"][k]
+        if "base_layer.weight" in k:
+            ulp = torch.finfo(v.dtype).eps
+            assert ((got.double() - v.double()).abs() <= 2 * ulp * v.double().abs().max()).all(), k
+        else:
+            assert torch.equal(_bits(got), _bits(v)), f"{k} changed"
+    assert now["flags"] == before["flags"] and now["config"] == before["config"] and now["layers"] == before["layers"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_without_exact_rollback_every_step_restores_within_one_rounding(llama_base, monkeypatch, caplog, dtype):
+    """exact_rollback=False keeps no weight copies: an interrupt at any step restores adapters, flags and configs
+    bit for bit and base weights up to rounding, and the log says so."""
+    def factory():
+        m = _peft(copy.deepcopy(llama_base).to(dtype), ["q_proj", "down_proj"])
+        loram_fast.init_model(m, "pissa", progress=False)
+        return m
+
+    steps = _count_steps(monkeypatch, factory, "loram", {"exact_rollback": False})
+    original = transaction.Transaction._will
+    for k in range(1, steps + 1):
+        model = factory()
+        before = full_state(model)
+        calls = {"n": 0}
+
+        def interrupting(self, undo, k=k):
+            original(self, undo)
+            calls["n"] += 1
+            if calls["n"] == k:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(transaction.Transaction, "_will", interrupting)
+        with caplog.at_level("ERROR", logger="loram_fast"), pytest.raises(KeyboardInterrupt):
+            loram_fast.init_model(model, "loram", progress=False, exact_rollback=False)
+        monkeypatch.setattr(transaction.Transaction, "_will", original)
+        _assert_within_one_rounding(model, before)
+    assert "up to rounding" in caplog.text
+
+
+def test_without_exact_rollback_ctrl_c_waits_for_the_write(llama_base, monkeypatch):
+    """A real SIGINT during a residual write is delivered after that write completes, then everything is undone."""
+    import os
+    import signal
+
+    model = _peft(copy.deepcopy(llama_base))
+    before = full_state(model)
+    original = transaction.apply_residual
+    calls = {"n": 0}
+
+    def interrupted_mid_write(W, residual, sign=-1.0, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives while the weight is being written
+        return original(W, residual, sign, **kw)
+
+    monkeypatch.setattr(transaction, "apply_residual", interrupted_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        loram_fast.init_model(model, "loram", progress=False, exact_rollback=False)
+    _assert_within_one_rounding(model, before)
+
+
 def test_snapshot_in_host_memory(llama_base, tokens):
     model = _peft(copy.deepcopy(llama_base))
     loram_fast.init_model(model, "loram", progress=False, snapshot_device="cpu")
@@ -468,3 +534,19 @@ def test_bf16_residual_rounded_once_from_the_exact_value(llama_base, monkeypatch
     monkeypatch.setattr(transaction, "apply_residual",
                         lambda W, residual, sign=-1.0, **kw: original(W, residual, sign * 0.99, **kw))
     assert agreement() < 0.99
+
+
+def test_adapter_views_into_a_shared_buffer_are_written_in_place(llama_base, tokens):
+    """An adapter weight that is a view into a larger buffer (as flat-parameter wrappers make them) keeps being that
+    view: the init writes through it, and a rollback restores the buffer bit for bit."""
+    model = _peft(copy.deepcopy(llama_base), ["q_proj"])
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    A = layer.lora_A["default"].weight
+    flat = torch.zeros(A.numel() + 7)
+    with torch.no_grad():
+        flat[3:3 + A.numel()].copy_(A.reshape(-1))
+    A.data = flat[3:3 + A.numel()].view_as(A)
+    loram_fast.init_model(model, "loram", progress=False)
+    assert A.data.data_ptr() == flat[3:].data_ptr()  # still the view
+    assert torch.equal(flat[3:3 + A.numel()].view_as(A), A.detach()) and A.abs().sum() > 0
+    assert relative_error(logits(model, tokens), logits(llama_base, tokens)) <= 1e-5

@@ -46,9 +46,12 @@ void basis_fill_(at::Tensor out, int64_t kind) {
 }
 
 // ---- vectorised row kernels --------------------------------------------------------------------------------
-// Eight float lanes through GCC/Clang vector extensions. On x86-64 Linux with GCC the hot loops are compiled twice
-// (target_clones): an AVX2 version picked at load time where the CPU has it, and a baseline (SSE2) version.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+// Eight float lanes through GCC/Clang vector extensions. On x86-64 Linux with GCC (12 or newer for the AVX-512
+// level) the hot loops are compiled three times (target_clones): x86-64-v4 (AVX-512 F/BW/DQ/VL), AVX2 and
+// baseline (SSE2), the best one the CPU has picked at load time.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && __GNUC__ >= 12
+#define LORAM_FAST_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#elif defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define LORAM_FAST_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define LORAM_FAST_CLONES
@@ -277,9 +280,33 @@ LORAM_FAST_CLONES void closed_form_row(float* out, kmath::Terms row, const doubl
   for (int64_t j = 0; j < n; ++j) out[j] = kmath::closed_form_fast(row.p, row.q, row.c, cp[j], cq[j], cc[j]);
 }
 
-// W -= coef · V_r U_rᵀ in one pass: per row, K by the closed form into an fp32 row buffer (entries where
-// kmath::closed_form_regular fails, a contiguous few since cos β_j decreases with j, from exact phases), then the
-// row is updated and rounded once. O(1) work per entry for any r.
+// Fused forms for contiguous fp32 and bf16 rows, entries [j0, j1): K by the displacement form and the write, one
+// rounding, in one vectorised loop (no row buffer). bf16 rounding as c10::BFloat16 does it (nearest even, NaN ->
+// 0x7FC0), on the bits.
+LORAM_FAST_CLONES void closed_form_update_f32(float* w, kmath::Terms row, const double* cp, const double* cq,
+                                              const double* cc, int64_t j0, int64_t j1, float scale) {
+  for (int64_t j = j0; j < j1; ++j)
+    w[j] = kmath::add_scaled(w[j], scale, kmath::closed_form_fast(row.p, row.q, row.c, cp[j], cq[j], cc[j]));
+}
+
+LORAM_FAST_CLONES void closed_form_update_bf16(uint16_t* w, kmath::Terms row, const double* cp, const double* cq,
+                                               const double* cc, int64_t j0, int64_t j1, float scale) {
+  for (int64_t j = j0; j < j1; ++j) {
+    const uint32_t in = static_cast<uint32_t>(w[j]) << 16;
+    float x;
+    std::memcpy(&x, &in, 4);
+    const float y = x + scale * kmath::closed_form_fast(row.p, row.q, row.c, cp[j], cq[j], cc[j]);
+    uint32_t u;
+    std::memcpy(&u, &y, 4);
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    w[j] = static_cast<uint16_t>(y != y ? 0x7FC0u : rounded);
+  }
+}
+
+// W -= coef · V_r U_rᵀ in one pass, O(1) work per entry for any r. Per row: the irregular entries (where
+// kmath::closed_form_regular fails: cos β_j decreases with j, so they form one short run, found by binary search)
+// split the row into at most three segments; contiguous fp32 / bf16 rows are updated segment by segment by the fused
+// loops and the run by the exact-phase form; other dtypes and strides go through an fp32 row buffer.
 void loram_residual_(at::Tensor W, double coef, int64_t r, int64_t kind_) {
   check_residual(W, r, kind_);
   if (stored_transposed(W)) W = W.t();  // V U^T transposed is the same formula with m and n swapped
@@ -299,22 +326,58 @@ void loram_residual_(at::Tensor W, double coef, int64_t r, int64_t kind_) {
     }
   });
   const float scale = static_cast<float>(-coef * kmath::closed_form_amp(m, n, kind));
+  // the run of irregular entries of a row: [lo, hi) holds every j with !closed_form_regular(row.c, cc[j])
+  auto irregular = [&](const kmath::Terms& row, int64_t* lo, int64_t* hi) {
+    const double* first = std::lower_bound(cc.data(), cc.data() + n, row.c + 2 * kmath::kNearTol,
+                                           [](double x, double v) { return x > v; });
+    int64_t a = first - cc.data(), b = a;
+    while (b < n && cc[b] > row.c - 2 * kmath::kNearTol) ++b;
+    while (a < b && kmath::closed_form_regular(row.c, cc[a])) ++a;
+    while (b > a && kmath::closed_form_regular(row.c, cc[b - 1])) --b;
+    *lo = a;
+    *hi = b;
+  };
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W.scalar_type(), "loram_residual_", [&] {
     scalar_t* w = W.data_ptr<scalar_t>();
-    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1));
+    constexpr bool fused = std::is_same<scalar_t, float>::value || std::is_same<scalar_t, at::BFloat16>::value;
+    const int64_t grain = std::max<int64_t>(16, 65536 / std::max<int64_t>(n, 1));
     at::parallel_for(0, m, grain, [&](int64_t b, int64_t e) {
-      std::vector<float> buf(n);
-      for (int64_t i = b; i < e; ++i) {
-        const kmath::Terms row = rows[i];
-        closed_form_row(buf.data(), row, cp.data(), cq.data(), cc.data(), n);
-        // cos β_j decreases with j: the irregular entries lie where cc[j] is within 2·kNearTol of row.c
-        const double* lo = std::lower_bound(cc.data(), cc.data() + n, row.c + 2 * kmath::kNearTol,
-                                            [](double x, double v) { return x > v; });
-        for (int64_t j = lo - cc.data(); j < n && cc[j] > row.c - 2 * kmath::kNearTol; ++j) {
-          if (!kmath::closed_form_regular(row.c, cc[j]))
-            buf[j] = static_cast<float>(kmath::closed_form_exact(i, j, m, n, r, kind));
+      if (!(fused && sn == 1)) {
+        std::vector<float> buf(n);
+        for (int64_t i = b; i < e; ++i) {
+          const kmath::Terms row = rows[i];
+          int64_t lo, hi;
+          irregular(row, &lo, &hi);
+          closed_form_row(buf.data(), row, cp.data(), cq.data(), cc.data(), n);
+          for (int64_t j = lo; j < hi; ++j)
+            buf[j] = kmath::closed_form_entry(row, kmath::Terms{cp[j], cq[j], cc[j]}, i, j, m, n, r, kind);
+          axpy_row(w + i * sm, sn, buf.data(), n, scale);
         }
-        axpy_row(w + i * sm, sn, buf.data(), n, scale);
+        return;
+      }
+      // column blocks whose terms (3 doubles per column) stay in L1 while the rows of this chunk pass over them
+      constexpr int64_t kBlock = 1024;
+      std::vector<int64_t> los(e - b), his(e - b);
+      for (int64_t i = b; i < e; ++i) irregular(rows[i], &los[i - b], &his[i - b]);
+      for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
+        const int64_t j1 = std::min(n, j0 + kBlock);
+        for (int64_t i = b; i < e; ++i) {
+          const kmath::Terms row = rows[i];
+          scalar_t* wi = w + i * sm;
+          const int64_t lo = std::clamp(los[i - b], j0, j1), hi = std::clamp(his[i - b], j0, j1);
+          for (const auto& seg : {std::make_pair(j0, lo), std::make_pair(hi, j1)}) {
+            if (seg.first >= seg.second) continue;
+            if (std::is_same<scalar_t, float>::value)
+              closed_form_update_f32(reinterpret_cast<float*>(wi), row, cp.data(), cq.data(), cc.data(), seg.first,
+                                     seg.second, scale);
+            else
+              closed_form_update_bf16(reinterpret_cast<uint16_t*>(wi), row, cp.data(), cq.data(), cc.data(),
+                                      seg.first, seg.second, scale);
+          }
+          for (int64_t j = lo; j < hi; ++j)  // the irregular run (entries inside it that are regular: same result)
+            wi[j] = kmath::add_scaled(wi[j], scale, kmath::closed_form_entry(row, kmath::Terms{cp[j], cq[j], cc[j]},
+                                                                             i, j, m, n, r, kind));
+        }
       }
     });
   });

@@ -9,7 +9,7 @@ For W (out×in), rank r, LoRA scaling s:
     beta = (rho · variance_ratio) ** (1/4)
     A = beta · Uᵀ,  B = beta · V,  W ← W − s · B A
 
-Fast exact path: ``‖V Uᵀ‖_F² = r`` and ``sum(V Uᵀ) = (1ᵀV)(Uᵀ1)``, so
+Fast exact path: ``‖V Uᵀ‖_F² = r`` and ``sum(V Uᵀ) = (1ᵀV)(Uᵀ1)`` (column sums in closed form), so
 ``var(V Uᵀ) = (r − sum²/(mn)) / (mn − 1)`` without the m×n product; ``var(W)`` comes from one fp64 pass,
 and the residual is one in-place fused update. ``kind="dct2"`` (method ``loram_dct``) swaps in the
 orthonormal DCT-II basis: a loram_fast extension, not in the LoRAM paper or code.
@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from ..ops.bases import dst_basis
+from ..ops.bases import basis_column_sums, dst_basis
 from ..ops.moments import weight_moments
 from .common import BasisResidual, LayerInit
 
@@ -84,10 +84,10 @@ def loram_factors(W: torch.Tensor, r: int, scaling: float, *, kind: str = "dst1"
         return out
 
     U, V = basis(n), basis(m)  # in×r, out×r
-    basis_sum = float((V.sum(0, dtype=torch.float64) * U.sum(0, dtype=torch.float64)).sum())
+    basis_sum = float((basis_column_sums(m, r, kind) * basis_column_sums(n, r, kind)).sum())
     beta = loram_beta(var_w, basis_sum, m, n, r)
-    A = (U.T * beta).contiguous()
-    B = (V * beta).contiguous()
+    A = torch.mul(U.T, beta, out=U.new_empty(r, n))  # one fresh tensor each (fresh memory is not free)
+    B = V * beta
     return LayerInit(A=A, B=B, scaling=scaling, residual=BasisResidual(scaling * beta * beta, r, kind, bases=(V, U)))
 
 

@@ -61,6 +61,20 @@ def dst_basis_reference(n: int, r: int, kind: str = "dst1", dtype=torch.float32,
     return _basis_f64(n, r, kind, device).to(dtype)
 
 
+def basis_column_sums(n: int, r: int, kind: str = "dst1") -> torch.Tensor:
+    """``dst_basis(n, r).sum(0)`` in closed form (fp64, length r): DST-I column k sums to
+    ``√(2/(n+1))·cot(π(k+1)/(2(n+1)))`` for even k (odd k+1) and to 0 otherwise (``Σ_i sin(iθ)`` with
+    ``θ = π(k+1)/(n+1)``); DCT-II column 0 sums to ``√n``, the others to 0."""
+    _check(n, r, kind)
+    out = torch.zeros(r, dtype=torch.float64)
+    if kind == "dct2":
+        out[0] = math.sqrt(n)
+        return out
+    k1 = torch.arange(1, r + 1, 2, dtype=torch.int64)  # odd k+1
+    out[0::2] = math.sqrt(2.0 / (n + 1)) / torch.tan(reduced_angle(k1, 2 * (n + 1)))
+    return out
+
+
 dispatch.register("dst_basis", "torch")(dst_basis_reference)
 dispatch.register("dst_basis", "triton")(dispatch.lazy("loram_fast.triton_kernels.bases", "dst_basis"))
 

@@ -1,0 +1,94 @@
+"""Whole-model LoRAM against the memory floor: how close the init gets to one pass over the weights, at any rank.
+
+    python bench/floor.py [--quick] [--device cpu|cuda]
+
+For a 2-layer Llama-shaped model (TinyLlama-1.1B's linear shapes: hidden 2048, MLP 5632; --quick: hidden 1024,
+MLP 2752), all 14 LoRA layers: ``floor`` is one in-place read+write pass over the same weights (``Tensor.neg_``),
+the least any residual init can do; LoRAM's ideal is that plus one read (the variance). Each provider runs on a
+freshly wrapped model (wrapping not timed), timed interleaved with the floor; ``÷ floor`` = provider time / floor
+time in the same run. Providers: ``init_model(..., "loram" | "loram_dct")`` at r = 16 and r = 256 (the compiled
+closed form: O(1) work per entry for any r), ``loram`` with ``exact_rollback=False`` (no weight copies kept for
+the rollback), ``loram`` with the torch backend forced (the rank-r product), and the LoRAM reference code path at
+r = 16.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_info, measure_interleaved, publish  # noqa: E402
+
+import loram_fast  # noqa: E402
+from loram_fast.baselines import reference_loram_model  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build(hidden, inter, dtype, device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2,
+                      num_attention_heads=hidden // 128, num_key_value_heads=hidden // 128)
+    return LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+
+
+def run(hidden, inter, rank, dtype, device, reps, with_torch):
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    base = build(hidden, inter, dtype, device)
+    holder = {}
+
+    def fresh():
+        holder["m"] = get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=2 * rank,
+                                                                       target_modules=TARGETS))
+
+    def floor():
+        with torch.no_grad():
+            for module in holder["m"].modules():
+                if isinstance(module, LoraLayer):
+                    module.get_base_layer().weight.neg_()
+
+    fns = {"floor (one read+write pass)": floor,
+           "loram_fast loram": lambda: loram_fast.init_model(holder["m"], "loram", progress=False),
+           "loram_fast loram_dct": lambda: loram_fast.init_model(holder["m"], "loram_dct", progress=False)}
+    fns["loram_fast loram, exact_rollback=False"] = lambda: loram_fast.init_model(holder["m"], "loram", progress=False,
+                                                                                  exact_rollback=False)
+    if with_torch:
+        fns["loram_fast loram, torch backend"] = lambda: loram_fast.init_model(holder["m"], "loram", backend="torch",
+                                                                               progress=False)
+    if rank == 16:
+        fns["LoRAM reference code path"] = lambda: reference_loram_model(holder["m"])
+    timed = measure_interleaved(fns, device=device, warmup=1, reps=reps, setup=fresh)
+    floor_s = timed["floor (one read+write pass)"]["median_s"]
+    info = machine_info(device)
+    shape = f"L2 h{hidden} mlp{inter}"
+    return [{"bench": "floor", "provider": name, "shape": shape, "rank": rank, "dtype": str(dtype).replace("torch.", ""),
+             "device": device, **t, "ratio": t["median_s"] / floor_s, **info} for name, t in timed.items()]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    hidden, inter = (1024, 2752) if args.quick else (2048, 5632)
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for rank in (16, 256):
+            rows += run(hidden, inter, rank, dtype, args.device, 3 if args.quick else 5, with_torch=rank == 16)
+    info = machine_info(args.device)
+    header = (f"### Whole-model LoRAM vs the memory floor ({info['device_name']}; {info['machine']}; torch "
+              f"{info['torch']})\n\nratio = provider time / floor time in the same interleaved run (lower is better; "
+              "the floor is one in-place read+write pass over the same weights).")
+    publish(rows, f"floor_{args.device}", ["provider", "shape", "rank", "dtype", "median_s", "ratio"], header)
+
+
+if __name__ == "__main__":
+    main()
