@@ -18,6 +18,7 @@ from torch import nn
 from . import options as opt
 from .compute import compute_and_write
 from .ops.dispatch import BACKENDS
+from .ops.threads import fair_share
 from .registry import Method, format_init_string, get_method, lora_ga_options, parse_init_string
 from .targets import (default_adapter, find_lora_layers, other_weight_users, shared_base_error, validate,
                       writes_peft_residual)
@@ -170,7 +171,8 @@ def init_model(model: nn.Module, method: str = "loram", **kwargs) -> nn.Module:
     transaction = Transaction(adapter, config=config, record=record, rounded_residual=rounded_residual,
                               snapshot_device=call.get("snapshot_device"), backend=backend,
                               exact_rollback=call.get("exact_rollback", True))
-    compute_and_write(spec, targets, options, transaction, progress=progress, per_layer=gradients)
+    with fair_share():
+        compute_and_write(spec, targets, options, transaction, progress=progress, per_layer=gradients)
     return model
 
 

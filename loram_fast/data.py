@@ -202,7 +202,7 @@ def _full(model, weights, views, names, dataloader, loss_fn, train_step, max_bat
 
 
 def _sketch(model, weights, views, names, base_layers, dataloader, loss_fn, train_step, max_batches, k, seed, bar):
-    from .ops.rsvd import cholesky_qr
+    from .ops.orth import cholesky_qr
 
     states = []
     handles = []

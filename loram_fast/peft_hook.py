@@ -14,6 +14,7 @@ import contextvars
 import logging
 
 from ._patch import is_patched, patch, unpatch
+from .ops.threads import fair_share
 from .registry import get_method, parse_init_string
 from .targets import parameters_by_storage
 
@@ -139,7 +140,9 @@ def init_layer(layer, adapter_name: str, method: str, **options) -> None:
         users = weight_users(target, adapter_name, _storages())
         if users:
             raise shared_base_error(spec.name, target, users)
-    compute_and_write(spec, [target], options, Transaction(adapter_name, rounded_residual=rounded), progress=False)
+    with fair_share():
+        compute_and_write(spec, [target], options, Transaction(adapter_name, rounded_residual=rounded),
+                          progress=False)
 
 
 def _take_over(LoraLayer) -> None:

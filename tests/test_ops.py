@@ -162,3 +162,30 @@ def test_basis_column_sums_closed_form(kind):
     for n, r in [(37, 5), (1000, 256), (6, 6), (2, 1)]:
         ref = dst_basis(n, r, kind=kind, dtype=torch.float64, backend="torch").sum(0)
         assert (basis_column_sums(n, r, kind) - ref).abs().max() < 1e-12 * max(1.0, float(ref.abs().max()))
+
+
+def test_thread_helpers_restore_the_thread_count(monkeypatch):
+    """small_op runs on one thread and fair_share uses only idle cores (here: told that every core but one is busy);
+    both restore the thread count, also after an exception."""
+    from loram_fast.ops import threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with threads.small_op("cpu"):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        monkeypatch.setattr(threads, "_runnable_elsewhere", lambda: 10)
+        with pytest.raises(RuntimeError), threads.fair_share():
+            assert torch.get_num_threads() == 1
+            raise RuntimeError
+        assert torch.get_num_threads() == 2
+        monkeypatch.setattr(threads, "_runnable_elsewhere", lambda: 0)
+        with threads.fair_share():
+            assert torch.get_num_threads() == 2
+        monkeypatch.setenv("LORAM_FAST_FAIR_SHARE", "0")
+        monkeypatch.setattr(threads, "_runnable_elsewhere", lambda: 10)
+        with threads.fair_share():
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

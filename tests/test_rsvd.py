@@ -116,3 +116,27 @@ def test_cholesky_qr_and_fallback():
     assert torch.isfinite(Qb).all()
     assert torch.allclose(Qb[1].mT @ Qb[1], torch.eye(12), atol=1e-4)
     assert torch.allclose(Qb[0], Q, atol=1e-6)
+
+
+def test_target_accuracy_mode():
+    """tol= picks the number of passes: the residual test holds on return, fewer passes for a steeper spectrum, and
+    a looser tol costs fewer passes than a tighter one."""
+    from loram_fast.ops import topsvd
+
+    g = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(600, 400, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(500, 400, generator=g, dtype=torch.float64))
+    passes = {}
+    for decay in (0.5, 1.0):
+        A = ((U * torch.arange(1, 401, dtype=torch.float64) ** -decay) @ V.T).float()
+        for tol in (1e-2, 1e-4):
+            Uo, S, Vh, n_passes, ok = topsvd.subspace_iteration(A, 8, 16, tol, 50)
+            assert ok
+            passes[decay, tol] = n_passes
+            res = (A.double() @ Vh.double().T - Uo.double() * S.double()).norm(dim=0)
+            assert res.max() <= 1.01 * tol * S[0]
+            got = randomized_svd(A, 8, tol=tol)
+            assert torch.allclose(got[1], S)
+    assert passes[1.0, 1e-2] < passes[0.5, 1e-2] and passes[0.5, 1e-2] < passes[0.5, 1e-4]
+    with pytest.raises(ValueError, match="tol"):
+        randomized_svd(torch.randn(50, 40), 4, tol=0)

@@ -16,10 +16,12 @@ Every function takes a batch of same-shaped weights (b, out, in), any float dtyp
 """
 from __future__ import annotations
 
+
 import torch
 
 from ..ops.matmul import matmul_f32
 from ..ops.rsvd import randomized_svd
+from ..ops.threads import small_op
 from ..ops.topsvd import top_svd
 from .common import LayerInit, product_residual
 
@@ -73,7 +75,8 @@ def qr_factors(W: torch.Tensor, r: int, *, backend=None):
     """OLoRA's (A, B) = (R[:r], Q[:, :r]) of ``W = QR``, batched on W (b, out, in), from the out×r panel."""
     panel = W[..., :, :r].float()
     _check_finite(panel, "olora")
-    Q, _ = torch.linalg.qr(panel)
+    with small_op(panel.device):
+        Q, _ = torch.linalg.qr(panel)
     # R[:r] = Q_rᵀ W (its first r columns equal the panel's R, the rest the projection of W)
     A = matmul_f32(W.transpose(-1, -2), Q, backend=backend).transpose(-1, -2)
     if not bool(torch.isfinite(A).all()):

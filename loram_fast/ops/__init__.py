@@ -7,13 +7,17 @@ backend that implements it (``dispatch`` picks one). Never imports peft, methods
 | ``moments`` | ``weight_moments`` |
 | ``residual`` | ``lowrank_update_``, ``loram_residual_``, ``apply_residual`` |
 | ``matmul`` | ``matmul_f32`` |
-| ``rsvd`` | ``cholesky_qr``, ``randomized_svd`` |
+| ``orth`` | ``cholesky_qr``, ``orthonormalize`` |
+| ``rsvd`` | ``randomized_svd`` (fixed passes, or to a tolerance) |
+| ``topsvd`` | ``top_svd`` (exact top-r triplets, full-SVD fallback) |
 """
 from .bases import dst_basis, dst_basis_reference
 from .dispatch import BACKENDS, backends, register, resolve
 from .matmul import matmul_f32, matmul_f32_reference
 from .moments import Moments, variance, weight_moments, weight_moments_reference
-from .rsvd import cholesky_qr, randomized_svd
+from .orth import cholesky_qr
+from .rsvd import randomized_svd
+from .topsvd import top_svd
 from .residual import (BasisResidual, LowRankResidual, apply_residual, loram_residual_, loram_residual_reference_,
                        lowrank_update_, lowrank_update_reference_)
 
@@ -21,7 +25,7 @@ __all__ = [
     "BACKENDS", "backends", "register", "resolve",
     "dst_basis", "dst_basis_reference", "matmul_f32", "matmul_f32_reference",
     "Moments", "variance", "weight_moments", "weight_moments_reference",
-    "cholesky_qr", "randomized_svd",
+    "cholesky_qr", "randomized_svd", "top_svd",
     "loram_residual_", "lowrank_update_", "lowrank_update_reference_", "loram_residual_reference_",
     "apply_residual", "BasisResidual", "LowRankResidual",
 ]

@@ -26,7 +26,9 @@ from typing import NamedTuple
 import torch
 
 from .matmul import matmul_f32
-from .rsvd import orthonormalize
+from .orth import orthonormalize
+from .threads import small_op
+
 
 
 
@@ -78,35 +80,50 @@ def top_svd(A: torch.Tensor, r: int, *, tol: float | None = None, generator: tor
         return _full(A, r, 0)
     if A.dtype != torch.float32 and A.device.type == "cpu" and 4 * A.numel() <= (64 << 20):
         A = A.float()  # CPU: one conversion beats converting chunks in every product
-    budget = _passes_budget(m, n, q)
+    U, S, Vh, passes, converged = subspace_iteration(A, r, q, tol, _passes_budget(m, n, q), give_up=True,
+                                                     generator=generator, backend=backend)
+    if converged:
+        return TopSVD(U, S, Vh, passes, False)
+    return _full(A, r, passes)
+
+
+def subspace_iteration(A: torch.Tensor, r: int, q: int, tol: float, max_passes: int, *, give_up: bool = False,
+                       generator: torch.Generator | None = None, backend=None):
+    """The loop of the module docstring with block q: ``(U, S, Vh, passes, converged)``, fp32. Stops when the
+    residual test passes, after ``max_passes``, or (``give_up``) when the Ritz rate predicts more than
+    ``max_passes`` passes or a pass stops improving; ``U, S, Vh`` are then the last estimate (None if none)."""
+    m, n = A.shape[-2:]
     if generator is None:
         generator = torch.Generator(device=A.device).manual_seed(0)
     omega = torch.randn(n, q, generator=generator, device=A.device, dtype=torch.float32)
     Y = matmul_f32(A, omega, backend=backend)
     if not bool(torch.isfinite(Y).all()):
-        raise ValueError("loram_fast.top_svd: the input holds NaN or Inf values")
-    last = math.inf
-    for passes in range(1, budget + 1):
+        raise ValueError("loram_fast: the input holds NaN or Inf values")
+    last, best = math.inf, (None, None, None)
+    passes = 0
+    for passes in range(1, max_passes + 1):
         Q = orthonormalize(Y, backend=backend)
         Z = matmul_f32(Q.mT, A, backend=backend).mT  # Aᵀ Q, n×q
-        Q2, R2 = torch.linalg.qr(Z)
-        Ur, S, Vrh = torch.linalg.svd(R2.mT)
+        with small_op(A.device):
+            Q2, R2 = torch.linalg.qr(Z)
+            Ur, S, Vrh = torch.linalg.svd(R2.mT)
         # the error shrinks by rate = (σ_q/σ_r)² per pass (Ritz estimates). First pass: with the residual still of
         # order σ_1, a spectrum too flat to reach tol within the budget gives up now, before the pass's second product
-        rate = float(((S[..., q - 1] / S[..., r - 1]) ** 2).clamp(max=1.0).max())
-        if passes == 1 and (rate >= 0.999 or math.log(1.0 / tol) / -math.log(max(rate, 1e-30)) > budget):
+        rate = float(((S[..., q - 1] / S[..., r - 1]) ** 2).clamp(max=1.0).max()) if q > r else 1.0
+        if give_up and passes == 1 and (rate >= 0.999 or math.log(1.0 / tol) / -math.log(max(rate, 1e-30)) > max_passes):
             break
         Y = matmul_f32(A, Q2, backend=backend)        # A Q₂: the next pass's sketch, and A V below
         Vr = Vrh[..., :r, :].mT                        # q×r
         U = Q @ Ur[..., :, :r]
         AV = Y @ Vr
         res = torch.linalg.vector_norm(AV - U * S[..., None, :r], dim=-2)  # (..., r)
+        best = (U, S[..., :r], (Q2 @ Vr).mT)
         worst = float((res / (tol * S[..., :1])).max())
         if worst <= 1.0:
-            return TopSVD(U, S[..., :r], (Q2 @ Vr).mT, passes, False)
+            return (*best, passes, True)
         # passes still needed to bring the residual down to tol·σ_1
         needed = math.inf if rate >= 0.999 else math.log(worst) / -math.log(max(rate, 1e-30))
-        if passes + needed > budget or (passes > 2 and worst > 0.9 * last):
+        if give_up and (passes + needed > max_passes or (passes > 2 and worst > 0.9 * last)):
             break
         last = worst
-    return _full(A, r, passes)
+    return (*best, passes, False)

@@ -1,0 +1,70 @@
+"""Small dense work on one CPU thread.
+
+The factorisations between the big products (the QR of a tall, skinny m×q panel, the q×q SVD or Cholesky) are
+short: split over threads they spend more time in the parallel region's start and barrier than in arithmetic, and
+when another process keeps a core busy, a region waits for its descheduled thread (measured on 2 cores: the QR of a
+2048×32 panel takes 0.3 ms on one thread and 20 ms on two beside a busy process). ``small_op(device)`` runs its
+block on one thread when ``device`` is the CPU (no effect on GPU work), then restores the thread count.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+@contextlib.contextmanager
+def small_op(device="cpu"):
+    """One CPU thread inside the block for work on ``device`` (a no-op for CUDA work)."""
+    threads = torch.get_num_threads()
+    if threads == 1 or torch.device(device).type != "cpu":
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _runnable_elsewhere() -> int | None:
+    """Threads of other processes that are runnable right now (Linux: /proc/loadavg's machine-wide running count
+    minus this process's running threads, e.g. its own OpenMP workers still spinning after a parallel region), or
+    None where that is not known."""
+    import glob
+
+    try:
+        with open("/proc/loadavg") as f:
+            running = int(f.read().split()[3].split("/")[0])
+        own = 0
+        for stat in glob.glob("/proc/self/task/*/stat"):
+            try:
+                with open(stat) as f:
+                    own += f.read().rsplit(")", 1)[1].split()[0] == "R"
+            except OSError:
+                continue
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0, running - max(own, 1))
+
+
+@contextlib.contextmanager
+def fair_share():
+    """Inside the block, at most as many CPU threads as there are idle cores right now (at least one): beside busy
+    processes, a parallel region split over more threads than free cores waits at every barrier for a descheduled
+    thread (a time slice each time), so fewer threads finish sooner. The thread count is restored afterwards;
+    ``LORAM_FAST_FAIR_SHARE=0`` disables this."""
+    import os
+
+    threads = torch.get_num_threads()
+    busy = _runnable_elsewhere() if os.environ.get("LORAM_FAST_FAIR_SHARE", "1") != "0" else None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    wanted = threads if busy is None else max(1, min(threads, cores - busy))
+    if wanted == threads:
+        yield
+        return
+    torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
