@@ -1,7 +1,7 @@
 """Target discovery and validation: which peft LoRA layers an init touches, and whether it may touch them.
 
 Nothing here writes. ``find_lora_layers`` lists the layers holding an adapter; ``validate`` checks one layer
-against a method (layer kind, device, dtype, shape, merged or DoRA adapters); ``shared_base_problem`` finds base
+against a method (layer kind, device, dtype, shape, merged adapters, DoRA with a middle matrix); ``shared_base_problem`` finds base
 weights that something else also uses (another adapter of the layer, a tied embedding): a residual written
 there would change that other user too.
 """
@@ -127,9 +127,6 @@ def validate(method: Method, target: LoraTarget, adapter: str, options: dict, *,
     if in_init_model:
         if adapter in getattr(target.layer, "merged_adapters", []):
             raise ValueError(f"loram_fast: adapter {adapter!r} is merged into {where}; unmerge it first")
-        if dora:
-            raise NotImplementedError(f"loram_fast.init_model: {where} uses DoRA; re-initialising a DoRA adapter "
-                                      "in place is not supported (use LoraConfig(init_lora_weights=...) instead)")
     if method.check is not None:
         problem = method.check(target.shape, target.r, **options)
         if problem:

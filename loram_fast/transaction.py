@@ -29,6 +29,7 @@ from typing import Callable, Optional
 import torch
 
 from .methods.common import LayerInit, product_residual
+from .ops.norms import lowrank_row_norms
 from .ops.residual import BasisResidual, Residual, apply_residual
 from .targets import LoraTarget
 
@@ -168,6 +169,21 @@ class Transaction:
                 self._apply(target, residual, -1.0)
             self._set_record(layer, None if residual is None else (
                 residual.without_bases() if isinstance(residual, BasisResidual) else residual))
+            self._set_dora_magnitude(target)
+
+    def _set_dora_magnitude(self, target: LoraTarget) -> None:
+        """DoRA: the magnitude vector becomes the row norms of ``W + s·B A`` (the new residual weight and adapters),
+        as peft's DoRA layer computes it when it is created, so the output is unchanged at step 0."""
+        layer = target.layer
+        if not layer.use_dora.get(self.adapter, False) or self.adapter not in layer.lora_magnitude_vector:
+            return  # no DoRA, or the hook path: peft creates the DoRA layer after this init, from these weights
+        magnitude = layer.lora_magnitude_vector[self.adapter].weight
+        A = layer.lora_A[self.adapter].weight
+        B = layer.lora_B[self.adapter].weight
+        norms = lowrank_row_norms(target.weight_view().to(A.device), B, A, layer.scaling[self.adapter])
+        old = magnitude.data
+        self._will(lambda: setattr(magnitude, "data", old))
+        magnitude.data = norms.to(device=old.device, dtype=old.dtype)
 
     def commit_config(self) -> None:
         """Record the method in the peft config (after every layer is written)."""

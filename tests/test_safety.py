@@ -550,3 +550,66 @@ def test_adapter_views_into_a_shared_buffer_are_written_in_place(llama_base, tok
     assert A.data.data_ptr() == flat[3:].data_ptr()  # still the view
     assert torch.equal(flat[3:3 + A.numel()].view_as(A), A.detach()) and A.abs().sum() > 0
     assert relative_error(logits(model, tokens), logits(llama_base, tokens)) <= 1e-5
+
+
+# -- DoRA with residual inits -------------------------------------------------------------------------------------------
+
+def _peft_dora_magnitude(layer, adapter="default"):
+    """What peft's own DoRA layer computes for this layer's current base weight and adapters."""
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    dora = DoraLinearLayer(fan_in_fan_out=getattr(layer, "fan_in_fan_out", False))
+    dora.update_layer(base_layer=layer.get_base_layer(), lora_A=layer.lora_A[adapter].weight,
+                      lora_B=layer.lora_B[adapter].weight, scaling=layer.scaling[adapter])
+    return dora.weight.detach()
+
+
+@pytest.mark.parametrize("method,kw", [("loram", {}), ("loram_dct", {}), ("pissa", {}), ("pissa_niter_2", {}),
+                                       ("olora", {}), ("milora", {}), ("lora_ga", {"dataloader": "batches"}),
+                                       ("lora_one", {"dataloader": "batches"})])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dora_with_residual_inits(llama_base, tokens, method, kw, dtype):
+    """use_dora=True: after the residual is written the magnitude vector is the row norms of W_res + s·B A, equal to
+    what peft's DoRA layer computes for the new weights, so the output is unchanged at step 0."""
+    from peft.tuners.lora import LoraLayer
+
+    base = copy.deepcopy(llama_base).to(dtype)
+    model = _peft(copy.deepcopy(base), use_dora=True)
+    kw = {k: (_batches() if v == "batches" else v) for k, v in kw.items()}
+    loram_fast.init_model(model, method, progress=False, **kw)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    if method != "lora_one":  # lora_one adds s·B A on top of W by design
+        assert relative_error(logits(model, tokens), logits(base, tokens)) <= tol
+    for layer in model.modules():
+        if isinstance(layer, LoraLayer):
+            ours = layer.lora_magnitude_vector["default"].weight.detach()
+            assert torch.allclose(ours.float(), _peft_dora_magnitude(layer).float(), rtol=1e-6, atol=0), method
+
+
+def test_dora_through_loraconfig_and_rollback(llama_base, tokens, monkeypatch):
+    """The hook path (peft computes the magnitude after our residual) preserves the output too; an interrupt at any
+    step of a DoRA init restores every bit, the magnitude vectors included."""
+    model = _peft(copy.deepcopy(llama_base), use_dora=True, init_lora_weights="loram")
+    assert relative_error(logits(model, tokens), logits(llama_base, tokens)) <= 1e-5
+
+    def factory():
+        return _peft(copy.deepcopy(llama_base), ["q_proj", "down_proj"], use_dora=True)
+
+    steps = _count_steps(monkeypatch, factory, "pissa", {})
+    original = transaction.Transaction._will
+    for k in range(1, steps + 1):
+        m = factory()
+        before = full_state(m)
+        calls = {"n": 0}
+
+        def interrupting(self, undo, k=k):
+            original(self, undo)
+            calls["n"] += 1
+            if calls["n"] == k:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(transaction.Transaction, "_will", interrupting)
+        with pytest.raises(KeyboardInterrupt):
+            loram_fast.init_model(m, "pissa", progress=False)
+        monkeypatch.setattr(transaction.Transaction, "_will", original)
+        assert_same(m, before)

@@ -7,6 +7,7 @@ backend that implements it (``dispatch`` picks one). Never imports peft, methods
 | ``moments`` | ``weight_moments`` |
 | ``residual`` | ``lowrank_update_``, ``loram_residual_``, ``apply_residual`` |
 | ``matmul`` | ``matmul_f32`` |
+| ``norms`` | ``lowrank_row_norms`` (DoRA's magnitude after a residual init) |
 | ``orth`` | ``cholesky_qr``, ``orthonormalize`` |
 | ``rsvd`` | ``randomized_svd`` (fixed passes, or to a tolerance) |
 | ``topsvd`` | ``top_svd`` (exact top-r triplets, full-SVD fallback) |
@@ -14,6 +15,7 @@ backend that implements it (``dispatch`` picks one). Never imports peft, methods
 from .bases import dst_basis, dst_basis_reference
 from .dispatch import BACKENDS, backends, register, resolve
 from .matmul import matmul_f32, matmul_f32_reference
+from .norms import lowrank_row_norms
 from .moments import Moments, variance, weight_moments, weight_moments_reference
 from .orth import cholesky_qr
 from .rsvd import randomized_svd
@@ -24,7 +26,7 @@ from .residual import (BasisResidual, LowRankResidual, apply_residual, loram_res
 __all__ = [
     "BACKENDS", "backends", "register", "resolve",
     "dst_basis", "dst_basis_reference", "matmul_f32", "matmul_f32_reference",
-    "Moments", "variance", "weight_moments", "weight_moments_reference",
+    "lowrank_row_norms", "Moments", "variance", "weight_moments", "weight_moments_reference",
     "cholesky_qr", "randomized_svd", "top_svd",
     "loram_residual_", "lowrank_update_", "lowrank_update_reference_", "loram_residual_reference_",
     "apply_residual", "BasisResidual", "LowRankResidual",

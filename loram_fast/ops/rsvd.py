@@ -22,9 +22,11 @@ from __future__ import annotations
 import torch
 
 from .matmul import matmul_f32
-from .orth import cholesky_qr, orthonormalize  # noqa: F401  (cholesky_qr re-exported)
+from .orth import cholesky_qr, orthonormalize
 from .threads import small_op
 from .topsvd import subspace_iteration
+
+__all__ = ["randomized_svd", "cholesky_qr", "orthonormalize"]
 
 # CPU only: a low-precision A whose fp32 copy fits this budget is converted once instead of chunk by chunk in each
 # of the ~2·niter+2 products (cheaper in time, bounded in memory); larger matrices are always streamed
