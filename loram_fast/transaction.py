@@ -163,7 +163,7 @@ class Transaction:
             trainable = self._adapter_trainable(layer)
             self._set_middle(layer, init.middle is not None)
             for name, value in init.adapters().items():
-                self._set_adapter(target, name, value)
+                self._set_adapter(target, name, value, owned=init.owned)
             self._set_frozen(layer, init.frozen, trainable)
             if residual is not None:
                 self._apply(target, residual, -1.0)
@@ -198,12 +198,13 @@ class Transaction:
         return any(self.adapter in getattr(layer, name, {}) and getattr(layer, name)[self.adapter].weight.requires_grad
                    for name in ("lora_A", "lora_B", "lora_N"))
 
-    def _set_adapter(self, target: LoraTarget, name: str, value: torch.Tensor) -> None:
+    def _set_adapter(self, target: LoraTarget, name: str, value: torch.Tensor, owned: bool = False) -> None:
         param = getattr(target.layer, name)[self.adapter].weight
         # rounded to the base weight's dtype (as the references store them), held in the parameter's own dtype,
-        # shape and device; a fresh tensor (never one the method's result or a residual record still holds)
+        # shape and device; a copy unless the method owns ``value`` outright (it may be a view of W, a cached basis or
+        # a factor a residual record keeps)
         new = value.to(target.weight.dtype).to(device=param.device, dtype=param.dtype).reshape(param.shape)
-        if new.data_ptr() == value.data_ptr():
+        if new.data_ptr() == value.data_ptr() and not owned:
             new = new.clone()
         data = param.data
         owns_storage = (type(data) is torch.Tensor and data._base is None and data.is_contiguous()

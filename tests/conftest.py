@@ -12,6 +12,10 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# Tests compare results bit for bit across calls: keep the thread count independent of the machine's momentary load
+# (init_model's fair_share; tests/test_ops.py tests it explicitly).
+os.environ.setdefault("LORAM_FAST_FAIR_SHARE", "0")
+
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 # Backends this run requires (comma-separated, e.g. LORAM_FAST_REQUIRE=cpu-ext,triton as CI sets it): a missing

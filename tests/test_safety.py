@@ -613,3 +613,16 @@ def test_dora_through_loraconfig_and_rollback(llama_base, tokens, monkeypatch):
             loram_fast.init_model(m, "pissa", progress=False)
         monkeypatch.setattr(transaction.Transaction, "_will", original)
         assert_same(m, before)
+
+
+@pytest.mark.parametrize("method", ["loram", "nlora", "pissa", "inttune"])
+def test_adapters_never_alias_the_base_weight_or_each_other(llama_base, method):
+    """Stored adapters own their memory: training them cannot change the base weight, a residual record or another
+    layer's adapters (fp32 model, where no dtype conversion copies anything)."""
+    model = _peft(copy.deepcopy(llama_base))
+    loram_fast.init_model(model, method, progress=False)
+    storages = {}
+    for name, p in model.named_parameters():
+        ptr = p.untyped_storage().data_ptr()
+        assert ptr not in storages, f"{name} shares memory with {storages.get(ptr)}"
+        storages[ptr] = name

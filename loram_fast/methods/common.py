@@ -20,7 +20,8 @@ class LayerInit:
     """Adapters for one layer with weight W (out×in), fp32: ``A`` r×in, ``B`` out×r, optionally an r×r ``middle``
     (three-matrix methods: forward ``W x + s·B N A x``). ``residual``: what to subtract from W so that the output is
     unchanged at step 0 (None: W untouched). ``frozen``: adapter modules that must not train (e.g. IntTune's
-    ``("lora_A", "lora_B")``)."""
+    ``("lora_A", "lora_B")``). ``owned``: the method guarantees that A, B (and middle) are fresh tensors nothing
+    else holds (not views of W, not cached, not in the residual), so the writer may store them without a copy."""
 
     A: torch.Tensor
     B: torch.Tensor
@@ -28,6 +29,7 @@ class LayerInit:
     middle: Optional[torch.Tensor] = None
     residual: Optional[Residual] = None
     frozen: tuple = ()
+    owned: bool = False
 
     def adapters(self) -> dict:
         """``{peft module name: matrix}`` to store."""

@@ -88,7 +88,8 @@ def loram_factors(W: torch.Tensor, r: int, scaling: float, *, kind: str = "dst1"
     beta = loram_beta(var_w, basis_sum, m, n, r)
     A = torch.mul(U.T, beta, out=U.new_empty(r, n))  # one fresh tensor each (fresh memory is not free)
     B = V * beta
-    return LayerInit(A=A, B=B, scaling=scaling, residual=BasisResidual(scaling * beta * beta, r, kind, bases=(V, U)))
+    return LayerInit(A=A, B=B, scaling=scaling, residual=BasisResidual(scaling * beta * beta, r, kind, bases=(V, U)),
+                     owned=True)
 
 
 def reference_dst_matrix(p: int, q: int, device=None) -> torch.Tensor:

@@ -28,9 +28,14 @@ def small_op(device="cpu"):
 
 
 def _runnable_elsewhere() -> int | None:
-    """Threads of other processes that are runnable right now (Linux: /proc/loadavg's machine-wide running count
-    minus this process's running threads, e.g. its own OpenMP workers still spinning after a parallel region), or
-    None where that is not known."""
+    """Threads of other processes that are runnable right now, or None where that is not known: the least of three
+    samples (this process's own OpenMP workers may stop spinning between the two reads of one sample)."""
+    samples = [_sample() for _ in range(3)]
+    return None if None in samples else min(samples)
+
+
+def _sample() -> int | None:
+    """Linux: /proc/loadavg's machine-wide running count minus this process's running threads."""
     import glob
 
     try:
@@ -53,7 +58,8 @@ def fair_share():
     """Inside the block, at most as many CPU threads as there are idle cores right now (at least one): beside busy
     processes, a parallel region split over more threads than free cores waits at every barrier for a descheduled
     thread (a time slice each time), so fewer threads finish sooner. The thread count is restored afterwards;
-    ``LORAM_FAST_FAIR_SHARE=0`` disables this."""
+    ``LORAM_FAST_FAIR_SHARE=0`` disables this (results are then independent of the machine's load: a different
+    thread count changes the order of some floating-point sums, hence the last bits)."""
     import os
 
     threads = torch.get_num_threads()
