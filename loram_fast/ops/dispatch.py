@@ -58,11 +58,11 @@ def lazy(module: str, name: str) -> Callable:
     """A function that imports ``module`` on its first call and calls ``module.name`` (kernel modules that need
     triton stay unimported until a kernel of theirs runs)."""
 
-    @functools.wraps(lazy)
     def call(*args, **kwargs):
         return getattr(importlib.import_module(module), name)(*args, **kwargs)
 
-    call.__name__ = name
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = f"``{module}.{name}``, imported on first call."
     return call
 
 
