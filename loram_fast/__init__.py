@@ -7,6 +7,7 @@
 import logging as _logging
 
 from .api import init_model
+from .intruders import reduce_intruder_dimension
 from .ops import (backends, cholesky_qr, dst_basis, loram_residual_, lowrank_update_, matmul_f32, randomized_svd,
                   weight_moments)
 from .registry import Method, available_methods, get_method, register
@@ -14,7 +15,7 @@ from .registry import Method, available_methods, get_method, register
 __version__ = "0.1.0"
 
 __all__ = [
-    "init_model", "randomized_svd", "cholesky_qr", "available_methods", "get_method", "register", "Method", "backends",
+    "init_model", "reduce_intruder_dimension", "randomized_svd", "cholesky_qr", "available_methods", "get_method", "register", "Method", "backends",
     "dst_basis", "weight_moments", "lowrank_update_", "loram_residual_", "matmul_f32",
 ]
 

@@ -3,8 +3,8 @@
     python -m loram_fast.selfcheck --device cuda
 
 builds the C++ extension with its CUDA kernels (``loram_fast.build --cuda``), runs the kernel tests on every
-backend (``tests/test_ext.py``, ``tests/test_triton_kernels.py``, ``tests/test_ops.py``) and the quick kernel and
-init benchmarks (tables under ``bench/results/``). Without a CUDA device it says so in one line and exits 0.
+backend (``tests/test_ext.py``, ``tests/test_triton_kernels.py``, ``tests/test_ops.py``, ``tests/test_topsvd.py``)
+and the quick kernel, init, floor and exact-PiSSA benchmarks (tables under ``bench/results/``). Without a CUDA device it says so in one line and exits 0.
 Run from a source checkout (the tests and benchmarks are not installed).
 """
 from __future__ import annotations
@@ -16,8 +16,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TESTS = ["tests/test_ext.py", "tests/test_triton_kernels.py", "tests/test_ops.py"]
-BENCHES = [["bench/kernels.py", "--quick", "--device", "cuda"], ["bench/init.py", "--quick", "--device", "cuda"]]
+TESTS = ["tests/test_ext.py", "tests/test_triton_kernels.py", "tests/test_ops.py", "tests/test_topsvd.py"]
+BENCHES = [["bench/kernels.py", "--quick", "--device", "cuda"], ["bench/init.py", "--quick", "--device", "cuda"],
+           ["bench/floor.py", "--quick", "--device", "cuda"], ["bench/pissa_exact.py", "--quick", "--device", "cuda"]]
 
 
 def main(argv=None) -> int:

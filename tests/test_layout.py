@@ -14,7 +14,7 @@ LAYERS = [
     ["targets", "peft_variant"],                     # discovery and checks; peft variant patches
     ["transaction"],                                 # the one writer: undo log, residuals, rollback
     ["compute"],                                     # compute + write of a group of layers
-    ["api", "peft_hook"],                            # init_model; the LoraConfig hook entry point
+    ["api", "peft_hook", "intruders"],               # init_model; the LoraConfig hook entry point; tools
     ["demo", "selfcheck", ""],                       # entry points; "" is the package __init__
 ]
 

@@ -21,11 +21,15 @@ def _truth(W64, r):
     return S[:r], (U[:, :r] * S[:r]) @ Vh[:r]
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.parametrize("m,n,r", [(800, 800, 8), (600, 1000, 4), (1000, 700, 12)])
-def test_matches_full_svd(m, n, r):
+def test_matches_full_svd(m, n, r, device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
     W64 = _matrix(m, n, 0.5)
     S_true, P_true = _truth(W64, r)
-    res = top_svd(W64.float(), r)
+    res = top_svd(W64.float().to(device), r)
+    res = res._replace(U=res.U.cpu(), S=res.S.cpu(), Vh=res.Vh.cpu())
     assert not res.fallback and res.passes >= 1  # iterated, and converged
     assert ((res.S.double() - S_true).abs() / S_true).max() <= 1e-5
     P = (res.U.double() * res.S.double()) @ res.Vh.double()
