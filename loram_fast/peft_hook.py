@@ -29,8 +29,9 @@ def installed() -> bool:
 def install(take_over_peft_inits: bool = False) -> None:
     """Patch ``peft.tuners.lora.LoraLayer.reset_lora_parameters`` (idempotent).
 
-    ``take_over_peft_inits=True`` also routes peft's own ``"pissa"``, ``"pissa_niter_N"`` and ``"olora"`` through
-    loram_fast (same results; batched exact SVD, our randomized SVD with oversampling, panel QR). Off by
+    ``take_over_peft_inits=True`` also routes peft's own ``"pissa"``, ``"pissa_niter_N"``, ``"olora"``, ``"mica"``
+    and ``"orthogonal"`` through loram_fast (same results; exact PiSSA without a full SVD, our randomized SVD with
+    oversampling, panel QR; MiCA and orthogonal as peft computes them, in one transaction). Off by
     default: peft's own methods stay peft's. Quantized (bitsandbytes) weights still go to peft's code."""
     from peft.tuners.lora import LoraLayer
     from peft.tuners.tuners_utils import BaseTuner
@@ -162,6 +163,8 @@ def _take_over(LoraLayer) -> None:
 
     route("pissa_init", lambda init_lora_weights: init_lora_weights)
     route("olora_init", lambda: "olora")
+    route("mica_init", lambda: "mica")
+    route("orthogonal_init", lambda: "orthogonal")
 
 
 def uninstall() -> None:
@@ -172,6 +175,6 @@ def uninstall() -> None:
     from .peft_variant import uninstall_delta_weight
 
     for owner, attr in ((LoraLayer, "reset_lora_parameters"), (LoraLayer, "pissa_init"), (LoraLayer, "olora_init"),
-                        (BaseTuner, "inject_adapter")):
+                        (LoraLayer, "mica_init"), (LoraLayer, "orthogonal_init"), (BaseTuner, "inject_adapter")):
         unpatch(owner, attr)
     uninstall_delta_weight()

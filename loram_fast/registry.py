@@ -16,10 +16,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import torch
+
 from . import options as _opt
 from .methods import gradient as _gradient
 from .methods import loram as _loram
 from .methods import nlora as _nlora
+from .methods import orthogonal as _orthogonal
 from .methods import svd as _svd
 
 
@@ -234,6 +237,22 @@ register(Method(
              "stable_dim": _opt.choice("stored", "out"), "lora_ga_config": _lora_ga_config},
     check=lambda shape, r, **o: _gradient.check_lora_ga_rank(shape, r),
     reference="peft LoraLayer.lora_ga_init + loraga.py; arXiv 2407.05000"))
+
+
+def _orthogonal_init(W, r, scaling, *, backend=None, bases=None, seed=None):
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    return _orthogonal.orthogonal_init(W, r, scaling, generator=generator)
+
+
+register(Method(name="orthogonal", residual=False, init=_orthogonal_init, check=_orthogonal.check_rank,
+                options={"seed": _opt.integer(0, optional=True)},
+                description="Orthogonal: A and B from the two halves of a random r×r orthogonal matrix (B A = 0); "
+                            "W untouched",
+                reference="peft LoraLayer.orthogonal_init"))
+register(Method(name="mica", residual=False, check=_svd.check_rank,
+                init=lambda W, r, scaling, *, backend=None, bases=None: _svd.mica_init(W, r, scaling),
+                description="MiCA: B = the r minor left singular vectors (full SVD), A = 0, B frozen; W untouched",
+                reference="peft LoraLayer.mica_init + MiCALinearVariant; arXiv 2604.01694"))
 
 
 _NLORA_REF = "TracyGuo2001/NLoRA peft fork (nlora_init, slora_init, inttune.py); arXiv 2502.14482"

@@ -14,7 +14,8 @@ from conftest import LLAMA_TARGETS, logits, perturb_adapters, relative_error
 
 # every method that needs no data, with the options that change its result
 NO_DATA = [("loram", {}), ("loram_dct", {}), ("pissa", {}), ("pissa_niter_2", {}), ("milora", {}), ("olora", {}),
-           ("nlora", {}), ("nlora", {"residual": True, "nystrom": "pinv"}), ("slora", {}), ("inttune", {})]
+           ("nlora", {}), ("nlora", {"residual": True, "nystrom": "pinv"}), ("slora", {}), ("inttune", {}),
+           ("orthogonal", {}), ("orthogonal", {"seed": 1}), ("mica", {})]
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 

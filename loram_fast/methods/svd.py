@@ -119,6 +119,16 @@ def olora_init_batch(views, r, scalings, *, backend=None, bases=None):
     return [_with_residual(A, B, s) for (A, B), s in zip(pairs, scalings)]
 
 
+def mica_init(W: torch.Tensor, r: int, scaling: float) -> LayerInit:
+    """MiCA (peft ``mica_init``, arXiv 2604.01694): ``B = U[:, -r:]``, the left singular vectors of the r smallest
+    singular values of W (full SVD in fp32, as peft), ``A = 0``, B frozen; W untouched (``B A = 0``)."""
+    Wf = W.float()
+    _check_finite(Wf, "mica")
+    U = torch.linalg.svd(Wf, full_matrices=False).U
+    B = U[:, -r:].contiguous()
+    return LayerInit(A=torch.zeros(r, W.shape[1], device=W.device), B=B, scaling=scaling, frozen=("lora_B",))
+
+
 def check_rank(shape: tuple[int, int], r: int, **_) -> str | None:
     m, n = shape
     if r > min(m, n):
