@@ -176,6 +176,12 @@ def write_report(name: str, table: str) -> Path:
     return path
 
 
+def heading(title: str, info: dict, explanation: str, *, peft: bool = False) -> str:
+    """A report's header: ``### title (device; machine; torch X[, peft Y])``, a blank line, ``explanation``."""
+    versions = f"torch {info['torch']}" + (f", peft {info['peft']}" if peft else "")
+    return f"### {title} ({info['device_name']}; {info['machine']}; {versions})\n\n{explanation}"
+
+
 def publish(rows: list[dict], name: str, columns: list[str], header: str) -> str:
     """The end of every bench: append ``rows`` to the CSV, write ``bench/results/<name>.md``, echo the table."""
     append_rows(rows)

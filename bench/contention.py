@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, measure_interleaved, publish  # noqa: E402
+from common import heading, machine_info, measure_interleaved, publish  # noqa: E402
 
 import loram_fast  # noqa: E402
 from loram_fast.baselines import peft_init_model, reference_loram_model  # noqa: E402
@@ -89,9 +89,9 @@ def main(argv=None):
                              "extra": f"slowdown {t['median_s'] / results['quiet'][family][name]['median_s']:.2f}x; "
                                       f"{args.neighbours} busy neighbours" if condition == "busy" else "",
                              **info})
-    header = (f"### Init beside busy processes ({info['device_name']}; {info['machine']}; torch {info['torch']}, "
-              f"peft {info['peft']})\n\nratio = baseline / ours in the same condition (> 1: ours faster); slowdown = "
-              "busy / quiet time of the same provider.")
+    header = heading("Init beside busy processes", info,
+                     "ratio = baseline / ours in the same condition (> 1: ours faster); slowdown = busy / quiet time "
+                     "of the same provider.", peft=True)
     publish(rows, "contention_cpu", ["provider", "shape", "median_s", "ratio", "extra"], header)
 
 

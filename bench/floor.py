@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, measure_interleaved, publish  # noqa: E402
+from common import heading, machine_info, measure_interleaved, publish  # noqa: E402
 
 import loram_fast  # noqa: E402
 from loram_fast.baselines import reference_loram_model  # noqa: E402
@@ -84,9 +84,9 @@ def main(argv=None):
         for rank in (16, 256):
             rows += run(hidden, inter, rank, dtype, args.device, 3 if args.quick else 5, with_torch=rank == 16)
     info = machine_info(args.device)
-    header = (f"### Whole-model LoRAM vs the memory floor ({info['device_name']}; {info['machine']}; torch "
-              f"{info['torch']})\n\nratio = provider time / floor time in the same interleaved run (lower is better; "
-              "the floor is one in-place read+write pass over the same weights).")
+    header = heading("Whole-model LoRAM vs the memory floor", info,
+                     "ratio = provider time / floor time in the same interleaved run (lower is better; the floor is "
+                     "one in-place read+write pass over the same weights).")
     publish(rows, f"floor_{args.device}", ["provider", "shape", "rank", "dtype", "median_s", "ratio"], header)
 
 

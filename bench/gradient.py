@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, peak_rss, publish  # noqa: E402
+from common import heading, machine_info, peak_rss, publish  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROVIDERS = ["loram_fast lora_ga (full)", "loram_fast lora_ga (sketch)", "peft lora_ga",
@@ -173,9 +173,9 @@ def main(argv=None):
                      "rank": cfg["rank"], "dtype": "float32", "device": args.device, "median_s": res["seconds"],
                      "rel_err": res.get("rel_err", ""), "extra": f"peak {'GPU' if 'peak_mib' in res else 'RSS'} "
                      f"{peak:.0f} MiB; sketch_rank {cfg['sketch_rank']}", **info})
-    header = (f"### Gradient estimation + init ({info['device_name']}; {info['machine']}; torch {info['torch']}, "
-              f"peft {info['peft']})\n\nOne run per provider (own process); time includes the forward/backward "
-              "passes; extra = peak memory of the process (CPU: max RSS, includes the model and torch).")
+    header = heading("Gradient estimation + init", info,
+                     "One run per provider (own process); time includes the forward/backward passes; extra = peak "
+                     "memory of the process (CPU: max RSS, includes the model and torch).", peft=True)
     publish(rows, f"gradient_{args.device}", ["provider", "shape", "rank", "median_s", "rel_err", "extra"], header)
 
 

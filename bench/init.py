@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine_info, measure_interleaved, plot, publish  # noqa: E402
+from common import heading, RESULTS, machine_info, measure_interleaved, plot, publish  # noqa: E402
 
 import loram_fast  # noqa: E402
 from loram_fast.baselines import peft_init_model, reference_loram_model  # noqa: E402
@@ -121,9 +121,9 @@ def main(argv=None):
     for hidden, inter, reps, loram_only in sizes:
         rows += run(hidden, inter, 2, args.rank, dtype, args.device, reps, exact, loram_only)
     info = machine_info(args.device)
-    header = (f"### Whole-model init ({info['device_name']}; {info['machine']}; torch {info['torch']}, "
-              f"peft {info['peft']})\n\nratio = baseline time / provider time within a method family "
-              "(baseline: peft's own init, or the LoRAM reference code path); higher is faster.")
+    header = heading("Whole-model init", info,
+                     "ratio = baseline time / provider time within a method family (baseline: peft's own init, or the"
+                     " LoRAM reference code path); higher is faster.", peft=True)
     publish(rows, f"init_{args.device}_{args.dtype}",
             ["provider", "shape", "rank", "dtype", "median_s", "ratio", "rel_err"], header)
     plot(rows, RESULTS / f"init_{args.device}_{args.dtype}.png", x="provider", group="shape",

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, measure_interleaved, publish  # noqa: E402
+from common import heading, machine_info, measure_interleaved, publish  # noqa: E402
 
 import loram_fast  # noqa: E402
 
@@ -66,9 +66,9 @@ def main(argv=None):
              "dtype": "float32", "device": "cpu", **t,
              "ratio": timed["peft reduce_intruder_dimension"]["median_s"] / t["median_s"],
              "rel_err": 0.0 if name.startswith("peft") else err, **info} for name, t in timed.items()]
-    header = (f"### Intruder-dimension reduction ({info['device_name']}; {info['machine']}; torch {info['torch']}, "
-              f"peft {info['peft']})\n\nratio = peft time / provider time (higher is faster); rel_err: max over layers "
-              "of the mitigated delta's relative difference from peft's.")
+    header = heading("Intruder-dimension reduction", info,
+                     "ratio = peft time / provider time (higher is faster); rel_err: max over layers of the mitigated"
+                     " delta's relative difference from peft's.", peft=True)
     publish(rows, "intruders_cpu", ["provider", "shape", "median_s", "ratio", "rel_err"], header)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, measure, measure_interleaved, publish  # noqa: E402
+from common import heading, machine_info, measure, measure_interleaved, publish  # noqa: E402
 
 from loram_fast.methods.loram import loram_init, loram_reference  # noqa: E402
 from loram_fast.ops import apply_residual, backends, loram_residual_, weight_moments  # noqa: E402
@@ -106,9 +106,9 @@ def main(argv=None):
             for r in rows:
                 if r["shape"] == common["shape"] and r["dtype"] == common["dtype"] and "layer init" in r["provider"]:
                     r["ratio"] = ref_t / r["median_s"]
-    header = (f"### Memory-bound kernels ({info['device_name']}; {info['machine']}; torch {info['torch']})\n\n"
-              "GB/s = the bytes the op must move / time; ratio = reference code path time / our layer init time "
-              "(higher is faster). Peak extra memory: above the weight, one process per measurement.")
+    header = heading("Memory-bound kernels", info,
+                     "GB/s = the bytes the op must move / time; ratio = reference code path time / our layer init "
+                     "time (higher is faster). Peak extra memory: above the weight, one process per measurement.")
     publish(rows, f"kernels_{dev}", ["provider", "shape", "dtype", "median_s", "ratio", "extra"], header)
 
 

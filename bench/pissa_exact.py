@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, measure_interleaved, publish  # noqa: E402
+from common import heading, machine_info, measure_interleaved, publish  # noqa: E402
 
 import loram_fast  # noqa: E402
 from loram_fast.baselines import peft_init_model  # noqa: E402
@@ -82,10 +82,10 @@ def main(argv=None):
     for kind, r in [("realistic", 16), ("realistic", 64), ("steep", 16), ("gaussian", 16)]:
         rows += run(kind, size, size, r, args.device, 3)
     info = machine_info(args.device)
-    header = (f"### Exact PiSSA: loram_fast vs peft's full SVD ({info['device_name']}; {info['machine']}; torch "
-              f"{info['torch']}, peft {info['peft']})\n\nratio = peft time / provider time (higher is faster); sv_err: "
-              "largest relative error of the r singular values; rel_err: ‖s·B·A − A_r‖_F / ‖A_r‖_F against the fp64 "
-              "SVD (both sides are fp32 computations).")
+    header = heading("Exact PiSSA: loram_fast vs peft's full SVD", info,
+                     "ratio = peft time / provider time (higher is faster); sv_err: largest relative error of the r "
+                     "singular values; rel_err: ‖s·B·A − A_r‖_F / ‖A_r‖_F against the fp64 SVD (both sides are fp32 "
+                     "computations).", peft=True)
     publish(rows, f"pissa_exact_{args.device}", ["provider", "shape", "rank", "median_s", "ratio", "sv_err", "rel_err"],
             header)
 

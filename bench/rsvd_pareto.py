@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, measure_interleaved, publish  # noqa: E402
+from common import heading, machine_info, measure_interleaved, publish  # noqa: E402
 
 from loram_fast import randomized_svd  # noqa: E402
 
@@ -113,10 +113,10 @@ def main(argv=None):
     for name, mats in sets:
         rows += run_set(name, mats, args.rank, args.device, 3 if args.quick else 5)
     info = machine_info(args.device)
-    header = (f"### randomized_svd vs torch.svd_lowrank, energy vs time ({info['device_name']}; {info['machine']}; "
-              f"torch {info['torch']})\n\nenergy = mean of ‖U_rᵀA‖²_F / optimal over the set; median_s = time for the "
-              "whole set; extra (svd_lowrank rows): the fastest of our settings with at least that energy, and the time "
-              "ratio (> 1: ours faster).")
+    header = heading("randomized_svd vs torch.svd_lowrank, energy vs time", info,
+                     "energy = mean of ‖U_rᵀA‖²_F / optimal over the set; median_s = time for the whole set; extra "
+                     "(svd_lowrank rows): the fastest of our settings with at least that energy, and the time ratio "
+                     "(> 1: ours faster).")
     publish(rows, f"rsvd_pareto_{args.device}", ["provider", "shape", "rank", "median_s", "energy", "extra"], header)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine_info, measure, plot, publish  # noqa: E402
+from common import heading, RESULTS, machine_info, measure, plot, publish  # noqa: E402
 
 from loram_fast import randomized_svd  # noqa: E402
 
@@ -94,9 +94,9 @@ def main(argv=None):
         shapes, ranks, reps = CPU_SHAPES, [8, 16, 64, 256], 3
     rows = run(shapes, ranks, [torch.float32, torch.bfloat16], args.device, reps)
     info = machine_info(args.device)
-    header = (f"### SVD microbenchmark ({info['device_name']}; {info['machine']}; torch {info['torch']})\n\n"
-              "ratio = torch.linalg.svd time / provider time on the same shape and dtype (higher is faster); "
-              "rel_err = ‖A − U S Vh‖_F / optimal rank-r error (1 is optimal).")
+    header = heading("SVD microbenchmark", info,
+                     "ratio = torch.linalg.svd time / provider time on the same shape and dtype (higher is faster); "
+                     "rel_err = ‖A − U S Vh‖_F / optimal rank-r error (1 is optimal).")
     publish([r for r in rows if r["rank"] != "full"] + [r for r in rows if r["rank"] == "full"], "svd",
             ["provider", "shape", "rank", "dtype", "median_s", "ratio", "rel_err"], header)
     fp32 = [r for r in rows if r["dtype"] == "float32"]
