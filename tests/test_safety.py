@@ -182,16 +182,10 @@ def _count_steps(monkeypatch, model_factory, method, options):
     return calls["n"]
 
 
-@pytest.mark.parametrize("method,options", [("loram", {}), ("nlora", {"residual": True}), ("inttune", {})])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_interrupt_at_every_write_restores_every_bit(llama_base, monkeypatch, method, options, dtype):
-    def factory():
-        m = _peft(copy.deepcopy(llama_base).to(dtype), ["q_proj", "down_proj"])
-        loram_fast.init_model(m, "pissa", progress=False)  # a previous init to fold back: the hard case
-        return m
-
+def _interrupt_every_step(monkeypatch, factory, method, options, check) -> int:
+    """Interrupt ``init_model(model, method, **options)`` at each of its undo-log steps in turn, on a fresh
+    ``factory()`` model each time, and ``check(model, state_before)`` after the rollback. Returns the step count."""
     steps = _count_steps(monkeypatch, factory, method, options)
-    assert steps >= 10
     original = transaction.Transaction._will
     for k in range(1, steps + 1):
         model = factory()
@@ -208,7 +202,19 @@ def test_interrupt_at_every_write_restores_every_bit(llama_base, monkeypatch, me
         with pytest.raises(KeyboardInterrupt):
             loram_fast.init_model(model, method, progress=False, **options)
         monkeypatch.setattr(transaction.Transaction, "_will", original)
-        assert_same(model, before)
+        check(model, before)
+    return steps
+
+
+@pytest.mark.parametrize("method,options", [("loram", {}), ("nlora", {"residual": True}), ("inttune", {})])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_interrupt_at_every_write_restores_every_bit(llama_base, monkeypatch, method, options, dtype):
+    def factory():
+        m = _peft(copy.deepcopy(llama_base).to(dtype), ["q_proj", "down_proj"])
+        loram_fast.init_model(m, "pissa", progress=False)  # a previous init to fold back: the hard case
+        return m
+
+    assert _interrupt_every_step(monkeypatch, factory, method, options, assert_same) >= 10
 
 
 def test_interrupt_inside_a_weight_write(llama_base, monkeypatch):
@@ -253,24 +259,8 @@ def test_without_exact_rollback_every_step_restores_within_one_rounding(llama_ba
         loram_fast.init_model(m, "pissa", progress=False)
         return m
 
-    steps = _count_steps(monkeypatch, factory, "loram", {"exact_rollback": False})
-    original = transaction.Transaction._will
-    for k in range(1, steps + 1):
-        model = factory()
-        before = full_state(model)
-        calls = {"n": 0}
-
-        def interrupting(self, undo, k=k):
-            original(self, undo)
-            calls["n"] += 1
-            if calls["n"] == k:
-                raise KeyboardInterrupt
-
-        monkeypatch.setattr(transaction.Transaction, "_will", interrupting)
-        with caplog.at_level("ERROR", logger="loram_fast"), pytest.raises(KeyboardInterrupt):
-            loram_fast.init_model(model, "loram", progress=False, exact_rollback=False)
-        monkeypatch.setattr(transaction.Transaction, "_will", original)
-        _assert_within_one_rounding(model, before)
+    with caplog.at_level("ERROR", logger="loram_fast"):
+        _interrupt_every_step(monkeypatch, factory, "loram", {"exact_rollback": False}, _assert_within_one_rounding)
     assert "up to rounding" in caplog.text
 
 
@@ -596,24 +586,7 @@ def test_dora_through_loraconfig_and_rollback(llama_base, tokens, monkeypatch):
     def factory():
         return _peft(copy.deepcopy(llama_base), ["q_proj", "down_proj"], use_dora=True)
 
-    steps = _count_steps(monkeypatch, factory, "pissa", {})
-    original = transaction.Transaction._will
-    for k in range(1, steps + 1):
-        m = factory()
-        before = full_state(m)
-        calls = {"n": 0}
-
-        def interrupting(self, undo, k=k):
-            original(self, undo)
-            calls["n"] += 1
-            if calls["n"] == k:
-                raise KeyboardInterrupt
-
-        monkeypatch.setattr(transaction.Transaction, "_will", interrupting)
-        with pytest.raises(KeyboardInterrupt):
-            loram_fast.init_model(m, "pissa", progress=False)
-        monkeypatch.setattr(transaction.Transaction, "_will", original)
-        assert_same(m, before)
+    _interrupt_every_step(monkeypatch, factory, "pissa", {}, assert_same)
 
 
 @pytest.mark.parametrize("method", ["loram", "nlora", "pissa", "inttune"])
