@@ -87,10 +87,10 @@ def test_exact_path_zero_and_errors():
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1.05), (torch.float16, 1.01)])
 @pytest.mark.parametrize("stream", [False, True])
 def test_low_precision_input(dtype, tol, stream, monkeypatch):
-    import loram_fast.ops.rsvd as rsvd
+    import loram_fast.ops.matmul as matmul
 
     if stream:  # no fp32 copy allowed: every product reads the low-precision matrix chunk by chunk
-        monkeypatch.setattr(rsvd, "FP32_COPY_BUDGET", 0)
+        monkeypatch.setattr(matmul, "FP32_COPY_BUDGET", 0)
     A = _matrix(90, 70).to(dtype)
     U, S, Vh = randomized_svd(A, 6)
     assert S.dtype == torch.float32

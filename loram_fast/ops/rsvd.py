@@ -8,7 +8,7 @@
     Q = orth(Y);  B = Qᵀ A (q×n);  Ub, S, Vh = svd(B);  U = Q Ub;  keep the first ``rank``
 
 Products with A go through ``matmul_f32`` (a bf16 A is read as stored and accumulated in fp32; on the CPU only, a
-matrix whose fp32 copy fits ``FP32_COPY_BUDGET`` (64 MiB) is converted once instead, which is faster there).
+matrix whose fp32 copy fits ``matmul.FP32_COPY_BUDGET`` (64 MiB) is converted once instead, which is faster there).
 ``orth`` is :func:`orthonormalize`: on GPUs :func:`cholesky_qr`, CholeskyQR2 (Gram matrix, Cholesky, triangular
 solve, twice) with the small q×q Gram work in fp64, so a few GEMMs replace a serial Householder QR; batch members
 whose Cholesky fails or whose factor is too ill-conditioned fall back to ``torch.linalg.qr``. On the CPU, LAPACK's
@@ -21,16 +21,13 @@ from __future__ import annotations
 
 import torch
 
-from .matmul import matmul_f32
+from .matmul import fp32_if_small, gaussian_sketch, matmul_f32
 from .orth import cholesky_qr, orthonormalize
 from .threads import small_op
 from .topsvd import subspace_iteration
 
 __all__ = ["randomized_svd", "cholesky_qr", "orthonormalize"]
 
-# CPU only: a low-precision A whose fp32 copy fits this budget is converted once instead of chunk by chunk in each
-# of the ~2·niter+2 products (cheaper in time, bounded in memory); larger matrices are always streamed
-FP32_COPY_BUDGET = 64 << 20
 
 
 def randomized_svd(A: torch.Tensor, rank: int, *, oversample: int = 8, niter: int = 2, tol: float | None = None,
@@ -66,18 +63,12 @@ def randomized_svd(A: torch.Tensor, rank: int, *, oversample: int = 8, niter: in
             raise ValueError("loram_fast.randomized_svd: the input holds NaN or Inf values")
         return torch.linalg.svd(Af, full_matrices=False)
     q = min(rank + oversample, k)
-    if A.dtype != torch.float32 and A.device.type == "cpu" and 4 * A.numel() <= FP32_COPY_BUDGET:
-        A = A.float()
+    A = fp32_if_small(A)
     if tol is not None:
-        U, S, Vh, _, _ = subspace_iteration(A, rank, q, tol, max_passes, generator=generator, backend=backend)
+        U, S, Vh, _, _ = subspace_iteration(A, rank, q, tol, max_passes, generator=generator, backend=backend,
+                                            owner="randomized_svd")
         return U, S, Vh
-    if generator is None:
-        generator = torch.Generator(device=A.device).manual_seed(0)
-    omega = torch.randn(n, q, generator=generator, device=A.device, dtype=torch.float32)
-    Y = matmul_f32(A, omega, backend=backend)
-    # A NaN or Inf anywhere in A reaches the sketch (Ω is Gaussian): one cheap check instead of a pass over A
-    if not bool(torch.isfinite(Y).all()):
-        raise ValueError("loram_fast.randomized_svd: the input holds NaN or Inf values")
+    Y = gaussian_sketch(A, q, generator, "randomized_svd", backend=backend)
     for _ in range(niter):
         Q = orthonormalize(Y, backend=backend)
         # Aᵀ Q computed as (Qᵀ A)ᵀ: row-major friendly, and a bf16 A is read in column chunks

@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import torch
 
-from .matmul import matmul_f32
+from .matmul import fp32_if_small, gaussian_sketch, matmul_f32
 from .orth import orthonormalize
 from .threads import small_op
 
@@ -45,7 +45,10 @@ class TopSVD(NamedTuple):
 
 
 def _full(A: torch.Tensor, r: int, passes: int) -> TopSVD:
-    U, S, Vh = torch.linalg.svd(A.float(), full_matrices=False)
+    Af = A.float()
+    if not bool(torch.isfinite(Af).all()):
+        raise ValueError("loram_fast.top_svd: the input holds NaN or Inf values")
+    U, S, Vh = torch.linalg.svd(Af, full_matrices=False)
     return TopSVD(U[..., :, :r], S[..., :r], Vh[..., :r, :], passes, True)
 
 
@@ -78,27 +81,19 @@ def top_svd(A: torch.Tensor, r: int, *, tol: float | None = None, generator: tor
         raise ValueError(f"loram_fast.top_svd: rank r={r} exceeds min(m, n)={k}")
     if k <= 4 * q:
         return _full(A, r, 0)
-    if A.dtype != torch.float32 and A.device.type == "cpu" and 4 * A.numel() <= (64 << 20):
-        A = A.float()  # CPU: one conversion beats converting chunks in every product
-    U, S, Vh, passes, converged = subspace_iteration(A, r, q, tol, _passes_budget(m, n, q), give_up=True,
-                                                     generator=generator, backend=backend)
+    U, S, Vh, passes, converged = subspace_iteration(fp32_if_small(A), r, q, tol, _passes_budget(m, n, q),
+                                                     give_up=True, generator=generator, backend=backend)
     if converged:
         return TopSVD(U, S, Vh, passes, False)
     return _full(A, r, passes)
 
 
 def subspace_iteration(A: torch.Tensor, r: int, q: int, tol: float, max_passes: int, *, give_up: bool = False,
-                       generator: torch.Generator | None = None, backend=None):
+                       generator: torch.Generator | None = None, backend=None, owner: str = "top_svd"):
     """The loop of the module docstring with block q: ``(U, S, Vh, passes, converged)``, fp32. Stops when the
     residual test passes, after ``max_passes``, or (``give_up``) when the Ritz rate predicts more than
     ``max_passes`` passes or a pass stops improving; ``U, S, Vh`` are then the last estimate (None if none)."""
-    m, n = A.shape[-2:]
-    if generator is None:
-        generator = torch.Generator(device=A.device).manual_seed(0)
-    omega = torch.randn(n, q, generator=generator, device=A.device, dtype=torch.float32)
-    Y = matmul_f32(A, omega, backend=backend)
-    if not bool(torch.isfinite(Y).all()):
-        raise ValueError("loram_fast: the input holds NaN or Inf values")
+    Y = gaussian_sketch(A, q, generator, owner, backend=backend)
     last, best = math.inf, (None, None, None)
     passes = 0
     for passes in range(1, max_passes + 1):
