@@ -19,9 +19,6 @@ import torch
 
 from . import build
 
-KIND_IDS = {"dst1": 0, "dct2": 1}
-
-
 @functools.lru_cache(maxsize=None)
 def load():
     """(module, None) or (None, one-line reason)."""

@@ -8,3 +8,9 @@ def stored_transposed(W: torch.Tensor) -> bool:
     """True for a column-major view (a GPT-2 Conv1D weight seen as out×in): ops then work on ``W.T``, whose rows
     are contiguous in memory."""
     return W.dim() == 2 and W.stride(1) != 1 and W.stride(0) == 1 and W.shape[0] > 1
+
+
+def row_major(W: torch.Tensor) -> torch.Tensor:
+    """W, or ``W.T`` when W is a column-major view: what the row-wise kernels read (for W's totals, or for the LoRAM
+    product, whose transpose is the same formula with m and n swapped)."""
+    return W.T if stored_transposed(W) else W

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 
 from . import dispatch
-from .layout import stored_transposed
+from .layout import row_major
 
 # rows per chunk in the torch reference: keeps the fp64 temporary near 8 MiB
 _CHUNK_ELEMS = 1 << 20
@@ -46,12 +46,6 @@ def _check(W: torch.Tensor) -> None:
                          f"with shape {tuple(getattr(W, 'shape', ()))}")
     if W.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise TypeError(f"loram_fast.weight_moments: unsupported dtype {W.dtype}; expected fp32, fp16 or bf16")
-
-
-def row_major(W: torch.Tensor) -> torch.Tensor:
-    """W, or its transpose when W is a column-major view (a Conv1D weight seen as out×in): the totals are the same
-    and the reduction runs along contiguous memory."""
-    return W.T if stored_transposed(W) else W
 
 
 # mean²/var above which the sum / sum-of-squares form loses digits to cancellation: use var_mean instead

@@ -26,8 +26,8 @@ from typing import Optional, Union
 import torch
 
 from . import dispatch
-from .bases import cospi_frac, dst_basis, sinpi_frac
-from .layout import stored_transposed
+from .bases import KINDS, cospi_frac, dst_basis, sinpi_frac
+from .layout import row_major
 
 # rows per chunk in the torch reference: keeps each fp32 temporary near 4 MiB
 _CHUNK_ELEMS = 1 << 20
@@ -92,7 +92,6 @@ def loram_residual_reference_(W: torch.Tensor, coef: float, r: int, kind: str = 
 
 # |c_j − c_i| below which the closed form's entry comes from exact phases (kmath::kNearTol in csrc/kernel_math.h)
 NEAR_TOL = 1e-4
-KINDS = ("dst1", "dct2")
 
 
 def closed_form_terms(n: int, r: int, kind: str, device=None) -> torch.Tensor:
@@ -154,8 +153,7 @@ def loram_residual_triton_(W: torch.Tensor, coef: float, r: int, kind: str = "ds
     rounded once like the rest."""
     from loram_fast.triton_kernels.residual import loram_residual
 
-    if stored_transposed(W):
-        W = W.T  # V Uᵀ transposed: the same formula with m and n swapped
+    W = row_major(W)  # V Uᵀ transposed: the same formula with m and n swapped
     m, n = W.shape
     rows = closed_form_terms(m, r, kind, W.device)
     cols = closed_form_terms(n, r, kind, W.device)
