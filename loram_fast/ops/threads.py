@@ -9,22 +9,29 @@ block on one thread when ``device`` is the CPU (no effect on GPU work), then res
 from __future__ import annotations
 
 import contextlib
+import glob
+import os
 
 import torch
 
 
 @contextlib.contextmanager
-def small_op(device="cpu"):
-    """One CPU thread inside the block for work on ``device`` (a no-op for CUDA work)."""
+def _num_threads(wanted: int):
+    """``wanted`` CPU threads inside the block (nothing changes when that is the current count), then the old count."""
     threads = torch.get_num_threads()
-    if threads == 1 or torch.device(device).type != "cpu":
+    if wanted == threads:
         yield
         return
-    torch.set_num_threads(1)
+    torch.set_num_threads(wanted)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def small_op(device="cpu"):
+    """One CPU thread inside the block for work on ``device`` (a no-op for CUDA work)."""
+    return _num_threads(1 if torch.device(device).type == "cpu" else torch.get_num_threads())
 
 
 def _runnable_elsewhere() -> int | None:
@@ -36,8 +43,6 @@ def _runnable_elsewhere() -> int | None:
 
 def _sample() -> int | None:
     """Linux: /proc/loadavg's machine-wide running count minus this process's running threads."""
-    import glob
-
     try:
         with open("/proc/loadavg") as f:
             running = int(f.read().split()[3].split("/")[0])
@@ -53,24 +58,13 @@ def _sample() -> int | None:
     return max(0, running - max(own, 1))
 
 
-@contextlib.contextmanager
 def fair_share():
     """Inside the block, at most as many CPU threads as there are idle cores right now (at least one): beside busy
     processes, a parallel region split over more threads than free cores waits at every barrier for a descheduled
     thread (a time slice each time), so fewer threads finish sooner. The thread count is restored afterwards;
     ``LORAM_FAST_FAIR_SHARE=0`` disables this (results are then independent of the machine's load: a different
     thread count changes the order of some floating-point sums, hence the last bits)."""
-    import os
-
     threads = torch.get_num_threads()
     busy = _runnable_elsewhere() if os.environ.get("LORAM_FAST_FAIR_SHARE", "1") != "0" else None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    wanted = threads if busy is None else max(1, min(threads, cores - busy))
-    if wanted == threads:
-        yield
-        return
-    torch.set_num_threads(wanted)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    return _num_threads(threads if busy is None else max(1, min(threads, cores - busy)))
