@@ -44,7 +44,7 @@ def reduce_intruder_dimension(peft_model, old_adapter_name: str = "default", new
     ``logging``): adds ``new_adapter_name`` holding the mitigated adapter of ``old_adapter_name`` and activates it.
     Returns the model."""
     sink = logging_sink or (lambda msg: logger.info("%s", msg))
-    if getattr(peft_model, "peft_type", None) != "LORA" and str(getattr(peft_model, "peft_type", "")) != "PeftType.LORA":
+    if getattr(peft_model, "peft_type", None) != "LORA":  # peft's PeftType is a str enum
         raise ValueError("loram_fast.reduce_intruder_dimension: the model is not a peft LoRA model")
     targets = find_lora_layers(peft_model, old_adapter_name)
     if not targets:
