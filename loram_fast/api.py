@@ -37,7 +37,7 @@ CALL_OPTIONS = {
     "allow_shared_base": opt.boolean(),
     "backend": lambda name, value: value if value is None else opt.choice(*BACKENDS)(name, value),
     "snapshot_device": lambda name, value: value if value is None else _device(name, value),
-    "exact_rollback": opt.boolean(),
+    "exact_rollback": opt.boolean(), "gather_full_weights": opt.boolean(),
 }
 
 
@@ -122,6 +122,10 @@ def init_model(model: nn.Module, method: str = "loram", **kwargs) -> nn.Module:
       copies (no extra memory; on CPU fresh memory for the copies often costs more than the init itself): a failed
       call then restores each base weight by adding its residual back, exact up to a rounding of the weight's dtype
       per undone write, and says so in the error log.
+    - Weights split across ranks (DTensor: FSDP2's ``fully_shard``, ``distribute_tensor`` with ``Shard(0)`` /
+      ``Shard(1)``): call on every rank; each rank writes its own shards, and no rank holds a whole weight (see the
+      README, "Sharded models"). Methods that need the whole weight raise, unless ``gather_full_weights=True``
+      (one weight at a time is all-gathered on every rank).
     - ``**options`` go to the method (see ``loram_fast.available_methods()`` and the README); every value is checked
       before anything is computed.
     - Data-driven methods (``lora_one``, ``lora_ga``): ``dataloader=`` (dict batches; loss ``model(**batch).loss``),
@@ -158,8 +162,9 @@ def init_model(model: nn.Module, method: str = "loram", **kwargs) -> nn.Module:
     if not targets:
         raise ValueError(f"loram_fast.init_model: no peft LoRA layer holds adapter {adapter!r}")
     logger.info("loram_fast %s: %d LoRA layers of adapter %r", spec.name, len(targets), adapter)
+    gather = call.get("gather_full_weights", False)
     for t in targets:
-        validate(spec, t, adapter, options)
+        validate(spec, t, adapter, options, gather_full_weights=gather)
     config = _peft_config(model, adapter)
     _check_bases(model, spec, targets, adapter, options, call.get("allow_shared_base", False))
     _check_previous_init(spec, targets, adapter, config)
@@ -172,7 +177,8 @@ def init_model(model: nn.Module, method: str = "loram", **kwargs) -> nn.Module:
                               snapshot_device=call.get("snapshot_device"), backend=backend,
                               exact_rollback=call.get("exact_rollback", True))
     with fair_share():
-        compute_and_write(spec, targets, options, transaction, progress=progress, per_layer=gradients)
+        compute_and_write(spec, targets, options, transaction, progress=progress, per_layer=gradients,
+                          gather_full_weights=gather)
     return model
 
 

@@ -135,15 +135,24 @@ def init_layer(layer, adapter_name: str, method: str, **options) -> None:
     spec = get_method(method)
     rounded = bool(options.pop("rounded_residual", False))
     options = opt.validate(options, spec.options, f"method {spec.name!r}")
-    target = make_target(layer, adapter_name)
-    validate(spec, target, adapter_name, options, in_init_model=False)
-    if spec.writes_residual(options):
-        users = weight_users(target, adapter_name, _storages())
-        if users:
-            raise shared_base_error(spec.name, target, users)
-    with fair_share():
-        compute_and_write(spec, [target], options, Transaction(adapter_name, rounded_residual=rounded),
-                          progress=False)
+    with _gathered(layer):  # under DeepSpeed ZeRO-3 the whole weight exists only inside this block
+        target = make_target(layer, adapter_name)
+        validate(spec, target, adapter_name, options, in_init_model=False)
+        if spec.writes_residual(options):
+            users = weight_users(target, adapter_name, _storages())
+            if users:
+                raise shared_base_error(spec.name, target, users)
+        with fair_share():
+            compute_and_write(spec, [target], options, Transaction(adapter_name, rounded_residual=rounded),
+                              progress=False)
+
+
+def _gathered(layer):
+    """peft's ``gather_params_ctx`` around the base weight, as peft's own inits use it (DeepSpeed ZeRO-3 gathers the
+    partitioned weight for the block and writes rank 0's changes back; a no-op elsewhere)."""
+    from peft.utils.integrations import gather_params_ctx
+
+    return gather_params_ctx(layer.get_base_layer().weight)
 
 
 def _take_over(LoraLayer) -> None:

@@ -40,6 +40,10 @@ class Method:
     # optional batched form: (list of same-shaped W, r, list of scalings, **same kwargs) -> list of LayerInit
     init_batch: Optional[Callable] = None
     middle: bool = False  # adds an r×r matrix N between A and B (three-matrix methods)
+    # optional form for a weight split across ranks: (MatrixOperator, r, scaling, *, backend, bases, **options) ->
+    # LayerInit with whole A, B (every rank) and a residual of whole factors; None: needs the whole weight
+    init_sharded: Optional[Callable] = None
+    check_sharded: Optional[Callable] = None  # (**options) -> why these options need the whole weight, or None
 
     def writes_residual(self, options: dict) -> bool:
         """Whether the init changes the base weight (``residual=True`` turns it on for the three-matrix methods)."""
@@ -154,7 +158,11 @@ def _loram_method(name: str, kind: str, description: str) -> Method:
         return _loram.loram_factors(W, r, scaling, kind=kind, allow_zero_adapter=allow_zero_adapter, bases=bases,
                                     backend=backend)
 
-    return Method(name=name, init=init, residual=True, description=description,
+    def init_sharded(op, r, scaling, *, backend=None, bases=None, allow_zero_adapter=False):
+        return _loram.loram_factors_sharded(op, r, scaling, kind=kind, allow_zero_adapter=allow_zero_adapter,
+                                            bases=bases, backend=backend)
+
+    return Method(name=name, init=init, init_sharded=init_sharded, residual=True, description=description,
                   options={"allow_zero_adapter": _opt.boolean()}, check=_loram.check_loram,
                   reference="zhangzc21/LoRAM layer.py (loram_init, fast_dst_matrix); arXiv 2507.06558")
 
@@ -170,11 +178,17 @@ def _svd_method(name: str, which: str, niter: Optional[int], description: str, r
     def init(W, r, scaling, *, backend=None, bases=None, **options):
         return init_batch([W], r, [scaling], backend=backend, **options)[0]
 
+    def init_sharded(op, r, scaling, *, backend=None, bases=None, **options):
+        return _svd.svd_init_sharded(op, r, scaling, niter=niter, backend=backend, **options)
+
     options = {"oversample": _opt.integer(0)} if niter is not None else {}
     if niter is None and which == "top":
         options = {"solver": _opt.choice("iterative", "svd")}
+    # MiLoRA's minor components and pissa(solver="svd") need the full SVD of the whole weight
+    sharded = init_sharded if which == "top" else None
     return Method(name=name, init=init, init_batch=init_batch, residual=True, description=description,
-                  options=options, check=_svd.check_rank, reference=reference)
+                  options=options, check=_svd.check_rank, reference=reference, init_sharded=sharded,
+                  check_sharded=_svd.check_sharded)
 
 
 def _olora_method() -> Method:
@@ -184,7 +198,10 @@ def _olora_method() -> Method:
     def init(W, r, scaling, *, backend=None, bases=None):
         return init_batch([W], r, [scaling], backend=backend)[0]
 
-    return Method(name="olora", init=init, init_batch=init_batch, residual=True,
+    def init_sharded(op, r, scaling, *, backend=None, bases=None):
+        return _svd.olora_init_sharded(op, r, scaling, backend=backend)
+
+    return Method(name="olora", init=init, init_batch=init_batch, init_sharded=init_sharded, residual=True,
                   description="OLoRA: A = R[:r], B = Q[:, :r] of W = QR (from an out×r panel), residual in W",
                   check=_svd.check_rank, reference="peft LoraLayer.olora_init; arXiv 2406.01775")
 
@@ -245,6 +262,7 @@ def _orthogonal_init(W, r, scaling, *, backend=None, bases=None, seed=None):
 
 
 register(Method(name="orthogonal", residual=False, init=_orthogonal_init, check=_orthogonal.check_rank,
+                init_sharded=_orthogonal_init,  # uses W's shape and device only
                 options={"seed": _opt.integer(0, optional=True)},
                 description="Orthogonal: A and B from the two halves of a random r×r orthogonal matrix (B A = 0); "
                             "W untouched",
@@ -259,7 +277,10 @@ _NLORA_REF = "TracyGuo2001/NLoRA peft fork (nlora_init, slora_init, inttune.py);
 
 
 def _nlora_method(name: str, frozen: tuple, description: str) -> Method:
-    return Method(name=name, residual=False, description=description, middle=True,
+    def init_sharded(op, r, scaling, *, backend=None, bases=None, **options):
+        return _nlora.nlora_init_sharded(op, r, scaling, frozen=frozen, **options)
+
+    return Method(name=name, residual=False, description=description, middle=True, init_sharded=init_sharded,
                   options={"nystrom": _opt.choice(*_nlora.NYSTROM), "residual": _opt.boolean()},
                   check=_nlora.check_rank, reference=_NLORA_REF,
                   init=lambda W, r, scaling, *, backend=None, bases=None, **o: _nlora.nlora_init(W, r, scaling,
@@ -268,6 +289,7 @@ def _nlora_method(name: str, frozen: tuple, description: str) -> Method:
 
 register(_nlora_method("nlora", (), "NLoRA: A = W[:r,:], B = W[:,:r], r×r N = W[:r,:r] between them; W untouched"))
 register(_nlora_method("inttune", ("lora_A", "lora_B"), "IntTune: the NLoRA init with only the r×r N trainable"))
+_slora_init = lambda W, r, scaling, *, backend=None, bases=None: _nlora.slora_init(W, r, scaling)  # noqa: E731
 register(Method(name="slora", residual=False, middle=True, check=_nlora.check_rank, reference=_NLORA_REF,
                 description="SLoRA: Kaiming A and r×r N, zero B; W untouched",
-                init=lambda W, r, scaling, *, backend=None, bases=None: _nlora.slora_init(W, r, scaling)))
+                init=_slora_init, init_sharded=_slora_init))  # uses W's shape and device only

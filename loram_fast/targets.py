@@ -8,10 +8,12 @@ there would change that other user too.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
 
+from .ops.sharded import Sharding, local_tensor, sharding_of
 from .registry import Method
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -30,14 +32,20 @@ class LoraTarget:
     r: int
     scaling: float
     fan_in_fan_out: bool
+    sharding: Optional[Sharding] = None  # how a DTensor base weight is split across ranks (None: whole here)
 
     @property
     def weight(self) -> torch.Tensor:
         return self.layer.get_base_layer().weight
 
+    def local_weight(self) -> torch.Tensor:
+        """The base weight's storage on this rank, as stored (a DTensor's local shard, written in place)."""
+        return local_tensor(self.weight.data)
+
     def weight_view(self) -> torch.Tensor:
-        """The base weight as out×in (a transposed view for ``fan_in_fan_out`` / Conv1D layers)."""
-        W = self.weight.data
+        """This rank's base weight as out×in (a transposed view for ``fan_in_fan_out`` / Conv1D layers; the local
+        block of a sharded weight)."""
+        W = self.local_weight()
         return W.T if self.fan_in_fan_out else W
 
     @property
@@ -68,13 +76,20 @@ def _layer_kind(layer, adapter: str) -> str:
 
 
 def make_target(layer, adapter: str, name: str = "") -> LoraTarget:
+    fan_in_fan_out = bool(getattr(layer, "fan_in_fan_out", False))
+    name = name or type(layer).__name__
+    try:
+        sharding = sharding_of(layer.get_base_layer().weight, transposed=fan_in_fan_out)
+    except NotImplementedError as exc:
+        raise NotImplementedError(f"{exc} (module {name!r})") from None
     return LoraTarget(
-        name=name or type(layer).__name__,
+        name=name,
         layer=layer,
         kind=_layer_kind(layer, adapter),
         r=int(layer.r[adapter]),
         scaling=float(layer.scaling[adapter]),
-        fan_in_fan_out=bool(getattr(layer, "fan_in_fan_out", False)),
+        fan_in_fan_out=fan_in_fan_out,
+        sharding=sharding,
     )
 
 
@@ -102,7 +117,8 @@ def find_lora_layers(model: nn.Module, adapter: str) -> list[LoraTarget]:
     return targets
 
 
-def validate(method: Method, target: LoraTarget, adapter: str, options: dict, *, in_init_model: bool = True) -> None:
+def validate(method: Method, target: LoraTarget, adapter: str, options: dict, *, in_init_model: bool = True,
+             gather_full_weights: bool = False) -> None:
     """Raise a clear error when ``method`` cannot initialise ``target``; writes nothing."""
     where = target.describe()
     if target.kind not in method.layer_kinds:
@@ -124,6 +140,8 @@ def validate(method: Method, target: LoraTarget, adapter: str, options: dict, *,
     if dora and method.middle:
         raise NotImplementedError(f"loram_fast: {where} uses DoRA, which has no place for the r×r middle matrix of "
                                   f"method {method.name!r} (DoRA would ignore it); use use_dora=False")
+    if target.sharding is not None:
+        _validate_sharded(method, target, options, dora, gather_full_weights)
     if in_init_model:
         if adapter in getattr(target.layer, "merged_adapters", []):
             raise ValueError(f"loram_fast: adapter {adapter!r} is merged into {where}; unmerge it first")
@@ -133,6 +151,23 @@ def validate(method: Method, target: LoraTarget, adapter: str, options: dict, *,
             raise ValueError(f"loram_fast: {where}, method {method.name!r}: {problem}")
 
 
+
+
+def _validate_sharded(method: Method, target: LoraTarget, options: dict, dora: bool, gather: bool) -> None:
+    """What a weight split across ranks rules out (see README, "Sharded models")."""
+    where = target.describe()
+    if method.needs_data:
+        raise NotImplementedError(f"loram_fast: method {method.name!r} estimates gradients, which is not supported "
+                                  f"on a base weight split across ranks yet ({where})")
+    if dora:
+        raise NotImplementedError(f"loram_fast: DoRA on a base weight split across ranks is not supported yet ({where})")
+    why = "it needs the whole weight" if method.init_sharded is None else (
+        method.check_sharded(**options) if method.check_sharded is not None else None)
+    if why and not gather:
+        raise NotImplementedError(f"loram_fast: method {method.name!r} cannot run on the base weight of {where}, which "
+                                  f"is split across {target.sharding.world} ranks: {why}. Pass "
+                                  "gather_full_weights=True to init_model to gather one whole weight at a time on "
+                                  "every rank (all-gather of out×in entries per layer, one whole weight in memory)")
 
 
 # peft's own inits that write into the base weight (peft LoraLayer.update_layer): a later init cannot undo them
@@ -149,7 +184,7 @@ def parameters_by_storage(model: nn.Module) -> dict[int, list[str]]:
     storages: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         if p.device.type != "meta":
-            storages.setdefault(p.untyped_storage().data_ptr(), []).append(name)
+            storages.setdefault(local_tensor(p).untyped_storage().data_ptr(), []).append(name)
     return storages
 
 
@@ -158,7 +193,7 @@ def weight_users(target: LoraTarget, adapter: str, storages: dict[int, list[str]
     storage is reachable (e.g. an embedding tied to ``lm_head``); ``storages`` from :func:`parameters_by_storage`."""
     users = [f"adapter {a!r}" for a in target.layer.r if a != adapter]
     W = target.weight
-    group = storages.get(W.untyped_storage().data_ptr(), []) if W.device.type != "meta" else []
+    group = storages.get(local_tensor(W).untyped_storage().data_ptr(), []) if W.device.type != "meta" else []
     if len(group) > 1:  # the weight's own name is one of them (when the layer is already in the model)
         own = f"{target.name}.base_layer.weight"
         users += [f"parameter {n!r}" for n in group if n != own]

@@ -29,8 +29,10 @@ from typing import Callable, Optional
 import torch
 
 from .methods.common import LayerInit, product_residual
+from .ops.bases import dst_basis
 from .ops.norms import lowrank_row_norms
-from .ops.residual import BasisResidual, Residual, apply_residual
+from .ops.residual import BasisResidual, LowRankResidual, Residual, apply_residual
+from .ops.sharded import Sharding, any_rank, local_part, local_tensor
 from .targets import LoraTarget
 
 logger = logging.getLogger(__name__)
@@ -73,6 +75,8 @@ class Transaction:
     def __init__(self, adapter: str, *, config=None, record: Optional[str] = None, rounded_residual: bool = False,
                  snapshot_device=None, backend=None, exact_rollback: bool = True):
         self.adapter = adapter
+        # (process group, device) of the ranks that share sharded weights with this one: they vote before leaving
+        self.vote: list[tuple] = []
         self.exact_rollback = exact_rollback
         self.config = config
         self.record = record
@@ -100,6 +104,12 @@ class Transaction:
 
     def __exit__(self, exc_type, exc, tb):
         try:
+            other_failed = self._other_rank_failed(exc_type is not None)
+            if other_failed and exc_type is None:
+                logger.error("loram_fast: another rank failed; restoring this rank's model")
+                self.rollback()
+                raise RuntimeError("loram_fast: another rank failed while initialising the sharded model (see its "
+                                   "error); this rank's model is restored")
             if exc_type is not None:
                 if self._undo:  # something was changed already
                     logger.error("loram_fast: writing failed (%s); restoring the model%s", exc_type.__name__,
@@ -113,14 +123,22 @@ class Transaction:
             self._inference.__exit__(None, None, None)
         return False
 
+    def _other_rank_failed(self, failed: bool) -> bool:
+        """Every rank sharing a sharded weight says whether it failed; True when another one did (all ranks
+        roll back together, so none keeps a half-initialised shard)."""
+        any_failed = False
+        for group, device in self.vote:
+            any_failed = any_rank(failed, group, device) or any_failed
+        return any_failed and not failed
+
     # -- steps ---------------------------------------------------------------------------------------------------
     def _save_weight(self, target: LoraTarget) -> None:
-        W = target.weight
-        if id(W) in self._saved_weights or not self.exact_rollback:
+        W = target.local_weight()
+        if id(target.weight) in self._saved_weights or not self.exact_rollback:
             return
         copy = W.detach().to(self.snapshot_device or W.device, copy=True)
-        self._will(lambda: W.data.copy_(copy))
-        self._saved_weights.add(id(W))
+        self._will(lambda: W.copy_(copy))
+        self._saved_weights.add(id(target.weight))
 
     def _apply(self, target: LoraTarget, residual: Residual, sign: float) -> None:
         """Apply a residual to the base weight. Without snapshots its inverse (the opposite sign) goes on the log once
@@ -138,9 +156,12 @@ class Transaction:
             self._will(lambda: apply_residual(target.weight_view(), residual, -sign, backend=self.backend))
 
     def _residual(self, target: LoraTarget, init: LayerInit) -> Optional[Residual]:
-        if init.residual is None or not self.rounded_residual:
-            return init.residual
-        return product_residual(init.scaling, init.B, init.A, init.middle, rounded_to=target.weight.dtype)
+        residual = init.residual
+        if residual is not None and self.rounded_residual:
+            residual = product_residual(init.scaling, init.B, init.A, init.middle, rounded_to=target.weight.dtype)
+        if residual is not None and target.sharding is not None:
+            residual = localise(residual, target.sharding, target.shape, target.weight_view().device)
+        return residual
 
     def fold_back(self, target: LoraTarget) -> None:
         """Add back the residual an earlier loram_fast init of this adapter left in the base weight (before the
@@ -206,6 +227,12 @@ class Transaction:
         new = value.to(target.weight.dtype).to(device=param.device, dtype=param.dtype).reshape(param.shape)
         if new.data_ptr() == value.data_ptr() and not owned:
             new = new.clone()
+        if local_tensor(param) is not param:  # a DTensor (FSDP2, distribute_tensor): this rank's piece, in place
+            data = local_tensor(param.data)
+            old = data.clone()
+            self._will(lambda: data.copy_(old))
+            data.copy_(local_part(new, param))
+            return
         data = param.data
         owns_storage = (type(data) is torch.Tensor and data._base is None and data.is_contiguous()
                         and data.untyped_storage().nbytes() == data.numel() * data.element_size())
@@ -294,3 +321,19 @@ class Transaction:
             records.pop(self.adapter, None)
         else:
             records[self.adapter] = residual
+
+
+def localise(residual: Residual, sharding: Sharding, shape: tuple[int, int], device=None) -> LowRankResidual:
+    """The part of a whole weight's residual that falls on this rank's block: its rows of the left factor, or its
+    columns of the right one (LoRAM's bases are built, or taken from the method, and sliced)."""
+    if isinstance(residual, BasisResidual):
+        V, U = residual.bases if residual.bases is not None else (
+            dst_basis(shape[0], residual.r, kind=residual.kind, device=device),
+            dst_basis(shape[1], residual.r, kind=residual.kind, device=device))
+        residual = LowRankResidual(residual.coef, V, U.T)
+    left, right = residual.left, residual.right
+    if sharding.dim == 0:
+        left = sharding.local_rows(left)
+    else:
+        right = sharding.local_rows(right.T).T
+    return LowRankResidual(residual.coef, left.contiguous(), right.contiguous())

@@ -65,8 +65,23 @@ def loram_factors(W: torch.Tensor, r: int, scaling: float, *, kind: str = "dst1"
                   bases: dict | None = None, backend=None) -> LayerInit:
     """:func:`loram_init` for a shape and rank already checked with :func:`check_loram` (what ``init_model``
     does for every layer before computing any)."""
-    m, n = W.shape
-    mom = weight_moments(W, backend=backend)
+    return loram_from_moments(weight_moments(W, backend=backend), tuple(W.shape), W.device, r, scaling, kind=kind,
+                              allow_zero_adapter=allow_zero_adapter, bases=bases, backend=backend)
+
+
+def loram_factors_sharded(op, r: int, scaling: float, *, kind: str = "dst1", allow_zero_adapter: bool = False,
+                          bases: dict | None = None, backend=None) -> LayerInit:
+    """:func:`loram_factors` of a weight split across ranks (``op``: a
+    :class:`~loram_fast.ops.sharded.MatrixOperator`): the only data that depend on W are its count, sum and sum of
+    squares, all-reduced (three fp64 numbers); A, B and the residual's coefficient follow on every rank."""
+    return loram_from_moments(op.moments(), op.shape, op.device, r, scaling, kind=kind,
+                              allow_zero_adapter=allow_zero_adapter, bases=bases, backend=backend)
+
+
+def loram_from_moments(mom, shape: tuple[int, int], device, r: int, scaling: float, *, kind: str = "dst1",
+                       allow_zero_adapter: bool = False, bases: dict | None = None, backend=None) -> LayerInit:
+    """A, B and the residual from the moments ``mom`` (count, sum, sum of squares) of the out×in weight."""
+    m, n = shape
     if not (torch.isfinite(mom.sum) and torch.isfinite(mom.sumsq)):
         raise ValueError("loram_fast.loram: the weight holds NaN or Inf values")
     var_w = mom.variance()
@@ -75,10 +90,10 @@ def loram_factors(W: torch.Tensor, r: int, scaling: float, *, kind: str = "dst1"
                          "would be zero (a dead adapter); pass allow_zero_adapter=True to accept that")
 
     def basis(size: int) -> torch.Tensor:
-        key = (size, r, kind, W.device)
+        key = (size, r, kind, device)
         if bases is not None and key in bases:
             return bases[key]
-        out = dst_basis(size, r, kind=kind, device=W.device, backend=backend)
+        out = dst_basis(size, r, kind=kind, device=device, backend=backend)
         if bases is not None:
             bases[key] = out
         return out

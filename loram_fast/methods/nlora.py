@@ -31,14 +31,31 @@ def check_rank(shape, r, **_):
 def nlora_init(W: torch.Tensor, r: int, scaling: float, *, nystrom: str = "copy", residual: bool = False,
                frozen: tuple = ()) -> LayerInit:
     """NLoRA factors from the first r rows and columns of W (out×in)."""
+    return nlora_from_blocks(W[:r, :].float(), W[:, :r].float(), scaling, nystrom=nystrom, residual=residual,
+                             frozen=frozen)
+
+
+def nlora_init_sharded(op, r: int, scaling: float, *, nystrom: str = "copy", residual: bool = False,
+                       frozen: tuple = ()) -> LayerInit:
+    """:func:`nlora_init` of a weight split across ranks (``op``: a
+    :class:`~loram_fast.ops.sharded.MatrixOperator`): the first r rows and columns on every rank (one all-reduce of
+    their size each)."""
+    m, n = op.shape
+    return nlora_from_blocks(op.block((0, r), (0, n)), op.block((0, m), (0, r)), scaling, nystrom=nystrom,
+                             residual=residual, frozen=frozen)
+
+
+def nlora_from_blocks(rows: torch.Tensor, cols: torch.Tensor, scaling: float, *, nystrom: str = "copy",
+                      residual: bool = False, frozen: tuple = ()) -> LayerInit:
+    """NLoRA from ``rows = W[:r, :]`` and ``cols = W[:, :r]`` (fp32)."""
     if nystrom not in NYSTROM:
         raise ValueError(f"loram_fast.nlora: unknown nystrom {nystrom!r}; valid: {NYSTROM}")
-    Wf = W.float()
-    if not bool(torch.isfinite(Wf[:r]).all()) or not bool(torch.isfinite(Wf[:, :r]).all()):
+    if not bool(torch.isfinite(rows).all()) or not bool(torch.isfinite(cols).all()):
         raise ValueError("loram_fast.nlora: the weight's first r rows or columns hold NaN or Inf values")
-    A = Wf[:r, :].clone()
-    B = Wf[:, :r].clone()
-    core = Wf[:r, :r]
+    r = rows.shape[0]
+    A = rows.clone()
+    B = cols.clone()
+    core = rows[:, :r]
     N = core.clone() if nystrom == "copy" else torch.linalg.pinv(core.double()).float()
     return LayerInit(A=A, B=B, scaling=scaling, middle=N, frozen=frozen,
                      residual=product_residual(scaling, B, A, N) if residual else None)

@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 
 from ..ops.matmul import matmul_f32
-from ..ops.rsvd import randomized_svd
+from ..ops.rsvd import randomized_svd, randomized_svd_sharded
 from ..ops.threads import small_op
-from ..ops.topsvd import top_svd
+from ..ops.topsvd import top_svd, top_svd_sharded
 from .common import LayerInit, product_residual
 
 # fp32 bytes of one stacked batch: larger groups are processed in several batches
@@ -110,6 +110,35 @@ def olora_init_batch(views, r, scalings, *, backend=None, bases=None):
     return [_with_residual(A, B, s) for (A, B), s in zip(pairs, scalings)]
 
 
+def svd_init_sharded(op, r: int, scaling: float, *, niter: int | None, oversample: int = 8,
+                     solver: str = "iterative", backend=None, bases=None) -> LayerInit:
+    """PiSSA of a weight split across ranks (``op``: a :class:`~loram_fast.ops.sharded.MatrixOperator`): the same
+    subspace iteration (``pissa``) or randomized SVD (``pissa_niter_N``, the same Ω) on the sharded products, the
+    split on every rank; A and B are gathered whole (O((out + in)·r) per rank), the weight never is."""
+    if niter is None:
+        U, S, Vh = top_svd_sharded(op, r)
+    else:
+        U, S, Vh = randomized_svd_sharded(op, r, oversample=oversample, niter=niter)
+    root = (S / scaling).sqrt()
+    A = op.gather((root[:, None] * Vh).mT, "n").mT
+    B = op.gather(U * root, "m")
+    return _with_residual(A, B, scaling)
+
+
+def olora_init_sharded(op, r: int, scaling: float, *, backend=None, bases=None) -> LayerInit:
+    """OLoRA of a weight split across ranks: the out×r panel ``W[:, :r]`` on every rank (one all-reduce of its
+    size), its Householder QR there (the same Q as on one process), ``A = Qᵀ W`` from the sharded product."""
+    m, n = op.shape
+    panel = op.block((0, m), (0, r))
+    _check_finite(panel, "olora")
+    with small_op(panel.device):
+        Q, _ = torch.linalg.qr(panel)
+    A = op.gather(op.tmm(op.sharding.local_rows(Q) if op.sharded("m") else Q).mT, "n").mT
+    if not bool(torch.isfinite(A).all()):
+        raise ValueError("loram_fast.olora: the weight holds NaN or Inf values")
+    return _with_residual(A, Q, scaling)
+
+
 def mica_init(W: torch.Tensor, r: int, scaling: float) -> LayerInit:
     """MiCA (peft ``mica_init``, arXiv 2604.01694): ``B = U[:, -r:]``, the left singular vectors of the r smallest
     singular values of W (full SVD in fp32, as peft), ``A = 0``, B frozen; W untouched (``B A = 0``)."""
@@ -118,6 +147,12 @@ def mica_init(W: torch.Tensor, r: int, scaling: float) -> LayerInit:
     U = torch.linalg.svd(Wf, full_matrices=False).U
     B = U[:, -r:].contiguous()
     return LayerInit(A=torch.zeros(r, W.shape[1], device=W.device), B=B, scaling=scaling, frozen=("lora_B",))
+
+
+def check_sharded(solver: str = "iterative", **_) -> str | None:
+    if solver == "svd":
+        return "solver='svd' runs the full SVD of the whole weight"
+    return None
 
 
 def check_rank(shape: tuple[int, int], r: int, **_) -> str | None:

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from .matmul import fp32_if_small, gaussian_sketch, matmul_f32
+from .matmul import fp32_if_small
 from .orth import cholesky_qr, orthonormalize
+from .sharded import MatrixOperator
 from .threads import small_op
 from .topsvd import subspace_iteration
 
@@ -62,23 +63,35 @@ def randomized_svd(A: torch.Tensor, rank: int, *, oversample: int = 8, niter: in
         if not bool(torch.isfinite(Af).all()):
             raise ValueError("loram_fast.randomized_svd: the input holds NaN or Inf values")
         return torch.linalg.svd(Af, full_matrices=False)
+    return _randomized_svd(MatrixOperator(fp32_if_small(A), (m, n), backend=backend), rank, oversample=oversample,
+                           niter=niter, tol=tol, max_passes=max_passes, generator=generator)
+
+
+def randomized_svd_sharded(op: MatrixOperator, rank: int, *, oversample: int = 8, niter: int = 2,
+                           generator: torch.Generator | None = None):
+    """:func:`randomized_svd` of a sharded weight (the same Ω and steps; ``U`` holds this rank's rows where the rows
+    are sharded, ``Vh`` its columns where the columns are). ``rank >= min(m, n)`` takes the block min(m, n)."""
+    return _randomized_svd(op, rank, oversample=oversample, niter=niter, tol=None, max_passes=1, generator=generator)
+
+
+def _randomized_svd(op: MatrixOperator, rank: int, *, oversample: int, niter: int, tol, max_passes: int, generator):
+    k = min(op.shape)
     q = min(rank + oversample, k)
-    A = fp32_if_small(A)
     if tol is not None:
-        U, S, Vh, _, _ = subspace_iteration(A, rank, q, tol, max_passes, generator=generator, backend=backend,
+        U, S, Vh, _, _ = subspace_iteration(op, rank, q, tol, max_passes, generator=generator,
                                             owner="randomized_svd")
         return U, S, Vh
-    Y = gaussian_sketch(A, q, generator, "randomized_svd", backend=backend)
+    Y = op.sketch(q, generator, "randomized_svd")
     for _ in range(niter):
-        Q = orthonormalize(Y, backend=backend)
+        Q = op.orth(Y, "m")
         # Aᵀ Q computed as (Qᵀ A)ᵀ: row-major friendly, and a bf16 A is read in column chunks
-        Z = orthonormalize(matmul_f32(Q.mT, A, backend=backend).mT, backend=backend)
-        Y = matmul_f32(A, Z, backend=backend)
-    Q = orthonormalize(Y, backend=backend)
-    B = matmul_f32(Q.mT, A, backend=backend)  # Qᵀ A, q×n
+        Z = op.orth(op.tmm(Q).mT, "n")
+        Y = op.mm(Z)
+    Q = op.orth(Y, "m")
+    B = op.tmm(Q)  # Qᵀ A, q×n
     # small core SVD: Bᵀ = Q2 R2 (n×q, q×q), svd(R2ᵀ) = Ur S Vrh, so B = Ur S (Vrh Q2ᵀ)
-    with small_op(A.device):
-        Q2, R2 = torch.linalg.qr(B.mT)
+    Q2, R2 = op.qr(B.mT, "n")
+    with small_op(op.device):
         Ur, S, Vrh = torch.linalg.svd(R2.mT)
     U = Q @ Ur[..., :rank]
     Vh = Vrh[..., :rank, :] @ Q2.mT

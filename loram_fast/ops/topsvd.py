@@ -25,8 +25,8 @@ from typing import NamedTuple
 
 import torch
 
-from .matmul import fp32_if_small, gaussian_sketch, matmul_f32
-from .orth import orthonormalize
+from .matmul import fp32_if_small
+from .sharded import MatrixOperator
 from .threads import small_op
 
 
@@ -88,30 +88,33 @@ def top_svd(A: torch.Tensor, r: int, *, tol: float | None = None, generator: tor
     return _full(A, r, passes)
 
 
-def subspace_iteration(A: torch.Tensor, r: int, q: int, tol: float, max_passes: int, *, give_up: bool = False,
+def subspace_iteration(A, r: int, q: int, tol: float, max_passes: int, *, give_up: bool = False,
                        generator: torch.Generator | None = None, backend=None, owner: str = "top_svd"):
     """The loop of the module docstring with block q: ``(U, S, Vh, passes, converged)``, fp32. Stops when the
     residual test passes, after ``max_passes``, or (``give_up``) when the Ritz rate predicts more than
-    ``max_passes`` passes or a pass stops improving; ``U, S, Vh`` are then the last estimate (None if none)."""
-    Y = gaussian_sketch(A, q, generator, owner, backend=backend)
+    ``max_passes`` passes or a pass stops improving; ``U, S, Vh`` are then the last estimate (None if none).
+    ``A``: a matrix, or a :class:`~loram_fast.ops.sharded.MatrixOperator` (a sharded weight: U then holds this
+    rank's rows where the rows are sharded, Vh its columns where the columns are)."""
+    op = A if isinstance(A, MatrixOperator) else MatrixOperator(A, A.shape[-2:], backend=backend)
+    Y = op.sketch(q, generator, owner)
     last, best = math.inf, (None, None, None)
     passes = 0
     for passes in range(1, max_passes + 1):
-        Q = orthonormalize(Y, backend=backend)
-        Z = matmul_f32(Q.mT, A, backend=backend).mT  # Aᵀ Q, n×q
-        with small_op(A.device):
-            Q2, R2 = torch.linalg.qr(Z)
+        Q = op.orth(Y, "m")
+        Z = op.tmm(Q).mT  # Aᵀ Q, n×q
+        Q2, R2 = op.qr(Z, "n")
+        with small_op(op.device):
             Ur, S, Vrh = torch.linalg.svd(R2.mT)
         # the error shrinks by rate = (σ_q/σ_r)² per pass (Ritz estimates). First pass: with the residual still of
         # order σ_1, a spectrum too flat to reach tol within the budget gives up now, before the pass's second product
         rate = float(((S[..., q - 1] / S[..., r - 1]) ** 2).clamp(max=1.0).max()) if q > r else 1.0
         if give_up and passes == 1 and (rate >= 0.999 or math.log(1.0 / tol) / -math.log(max(rate, 1e-30)) > max_passes):
             break
-        Y = matmul_f32(A, Q2, backend=backend)        # A Q₂: the next pass's sketch, and A V below
+        Y = op.mm(Q2)                                  # A Q₂: the next pass's sketch, and A V below
         Vr = Vrh[..., :r, :].mT                        # q×r
         U = Q @ Ur[..., :, :r]
         AV = Y @ Vr
-        res = torch.linalg.vector_norm(AV - U * S[..., None, :r], dim=-2)  # (..., r)
+        res = op.col_norms(AV - U * S[..., None, :r], "m")  # (..., r)
         best = (U, S[..., :r], (Q2 @ Vr).mT)
         worst = float((res / (tol * S[..., :1])).max())
         if worst <= 1.0:
@@ -122,3 +125,23 @@ def subspace_iteration(A: torch.Tensor, r: int, q: int, tol: float, max_passes: 
             break
         last = worst
     return (*best, passes, False)
+
+
+def top_svd_sharded(op: MatrixOperator, r: int, *, tol: float | None = None,
+                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`top_svd` of a sharded weight: the same iteration and residual test, never the full SVD (which would
+    need the whole weight). A matrix with min(m, n) <= 4q takes the block q = min(m, n), exact after one pass.
+    Raises ``ValueError`` on every rank when the iteration cannot reach ``tol`` (a flat spectrum)."""
+    m, n = op.shape
+    k = min(m, n)
+    tol = default_tol(m, n) if tol is None else tol
+    q = min(max(2 * r, r + 16), k)
+    if k <= 4 * q:
+        q = k
+    U, S, Vh, passes, converged = subspace_iteration(op, r, q, tol, 4 * _passes_budget(m, n, q), give_up=q < k,
+                                                     generator=generator)
+    if not converged:
+        raise ValueError(f"the exact top-{r} SVD of this sharded {m}×{n} weight did not converge in {passes} "
+                         "pass(es) (flat spectrum: only a full SVD of the whole weight would give it); use "
+                         "pissa_niter_<N>, or init_model(..., gather_full_weights=True)")
+    return U, S, Vh

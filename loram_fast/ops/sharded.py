@@ -1,0 +1,261 @@
+"""A weight split across processes (torch.distributed / DTensor), and the products the solvers need from it.
+
+``Sharding``: an out×in matrix M split along ``dim`` (0: rows, 1: columns) over the ranks of ``group`` in
+``torch.chunk`` pieces (DTensor's ``Shard`` and FSDP2's layout); this rank holds ``[offset, offset + size)``.
+``sharding_of(W, transposed)`` reads it off a DTensor base weight (``transposed``: the weight is stored in×out, as
+GPT-2's Conv1D); a plain tensor or a replicated DTensor gives None.
+
+``MatrixOperator``: M through the products of a randomized / subspace-iteration SVD, so the same solver loop runs on
+one process and on a sharded weight. Vectors live on one of two sides: ``"m"`` (length out, like ``M x``) or ``"n"``
+(length in, like ``Mᵀ y``); the sharded side's vectors are held as this rank's rows only, the other side's whole.
+
+    mm(X)   = M X      (X n-side, q columns → m-side)   row-sharded: local;  column-sharded: one all-reduce m×q
+    tmm(Y)  = Yᵀ M     (Y m-side → q×n, n-side columns) row-sharded: one all-reduce q×n;  column-sharded: local
+    qr(Y, side)        Householder QR locally; on the sharded side CholeskyQR2 with one all-reduce of the q×q Gram
+                       matrix per pass (fp64), falling back to gathering the m×q (or n×q) panel when ill-conditioned
+
+Every collective goes through :func:`all_reduce` / :func:`gather`, which count their payload bytes in ``COUNTER``
+(``bench/sharded.py`` reads it). Every decision that could raise is taken on all-reduced values, so all ranks raise
+together and none waits in a collective the others left.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .matmul import gaussian_sketch, matmul_f32
+from .moments import Moments, weight_moments
+from .orth import orthonormalize
+from .threads import small_op
+
+# payload bytes and calls of every collective made here (reset and read by benchmarks and tests)
+COUNTER = {"bytes": 0, "calls": 0}
+# squared condition number of a Gram factor above which distributed CholeskyQR is not trusted (as ops/orth.py)
+_MAX_GRAM_COND = 1e12
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist
+
+
+def all_reduce(t: torch.Tensor, group) -> torch.Tensor:
+    """Sum ``t`` over ``group`` in place (and return it)."""
+    COUNTER["bytes"] += t.numel() * t.element_size()
+    COUNTER["calls"] += 1
+    _dist().all_reduce(t, group=group)
+    return t
+
+
+def all_max(t: torch.Tensor, group) -> torch.Tensor:
+    """Element-wise maximum of ``t`` over ``group``, in place (and return it)."""
+    dist = _dist()
+    COUNTER["bytes"] += t.numel() * t.element_size()
+    COUNTER["calls"] += 1
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t
+
+
+def any_rank(flag: bool, group, device=None) -> bool:
+    """True on every rank when ``flag`` is True on any rank of ``group`` (``device``: where the backend reduces)."""
+    return bool(all_reduce(torch.tensor([1.0 if flag else 0.0], device=device), group).item() > 0)
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """M (out×in) split along ``dim`` over ``world`` ranks of ``group``: this rank holds ``[offset, offset + size)``
+    of the ``length`` entries of that dimension (``torch.chunk`` pieces, as DTensor's ``Shard``)."""
+
+    group: object
+    dim: int
+    offset: int
+    size: int
+    length: int
+    world: int
+
+    def sizes(self) -> list[int]:
+        chunk = -(-self.length // self.world)
+        return [max(0, min(chunk, self.length - i * chunk)) for i in range(self.world)]
+
+    def gather(self, local: torch.Tensor) -> torch.Tensor:
+        """The whole of a sharded-side quantity from each rank's rows (dim 0 of ``local``); every rank gets it."""
+        sizes = self.sizes()
+        chunk = max(sizes)
+        padded = local.new_zeros((chunk, *local.shape[1:]))
+        padded[:local.shape[0]] = local
+        parts = [torch.empty_like(padded) for _ in sizes]
+        COUNTER["bytes"] += padded.numel() * padded.element_size() * self.world
+        COUNTER["calls"] += 1
+        _dist().all_gather(parts, padded.contiguous(), group=self.group)
+        return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+
+    def local_rows(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a whole sharded-side quantity (rows along dim 0)."""
+        return full.narrow(0, self.offset, self.size)
+
+
+def sharding_of(W, transposed: bool = False) -> Optional[Sharding]:
+    """How the DTensor ``W`` is split, as a :class:`Sharding` of its out×in view (``transposed``: W is stored in×out).
+    None for a plain tensor or a fully replicated DTensor. Raises ``NotImplementedError`` for layouts other than one
+    ``Shard(0)`` / ``Shard(1)`` placement (others ``Replicate``)."""
+    try:
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+    except ImportError:  # torch without distributed support
+        return None
+    if not isinstance(W, DTensor):
+        return None
+    shards = [(i, p) for i, p in enumerate(W.placements) if not isinstance(p, Replicate)]
+    if not shards:
+        return None
+    if len(shards) > 1 or type(shards[0][1]) is not Shard or W.dim() != 2:
+        raise NotImplementedError(f"loram_fast: a base weight with DTensor placements {tuple(W.placements)} is not "
+                                  "supported; supported: one Shard(0) or Shard(1) placement, the others Replicate "
+                                  "(FSDP2, HSDP, distribute_tensor)")
+    mesh_dim, placement = shards[0]
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    local_shape, global_offset = compute_local_shape_and_global_offset(W.shape, W.device_mesh, W.placements)
+    stored_dim = placement.dim % 2
+    dim = 1 - stored_dim if transposed else stored_dim
+    return Sharding(group=W.device_mesh.get_group(mesh_dim), dim=dim, offset=int(global_offset[stored_dim]),
+                    size=int(local_shape[stored_dim]), length=int(W.shape[stored_dim]),
+                    world=W.device_mesh.size(mesh_dim))
+
+
+def local_part(full: torch.Tensor, param) -> torch.Tensor:
+    """This rank's piece of ``full`` laid out like the DTensor ``param`` (``full`` itself for a plain tensor)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(param, DTensor):
+        return full
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    out = full
+    for d, (size, start) in enumerate(zip(shape, offset)):
+        out = out.narrow(d, int(start), int(size))
+    return out
+
+
+def local_tensor(t) -> torch.Tensor:
+    """The local tensor of a DTensor (in place: writes reach the sharded storage), else ``t`` itself."""
+    to_local = getattr(t, "to_local", None)
+    return t.to_local() if callable(to_local) else t
+
+
+class MatrixOperator:
+    """M (``shape`` = out×in) through products (see the module docstring). ``local``: this rank's block, the whole
+    M when ``sharding`` is None. Results are fp32."""
+
+    def __init__(self, local: torch.Tensor, shape: tuple[int, int], sharding: Optional[Sharding] = None,
+                 backend=None):
+        self.local = local
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.sharding = sharding
+        self.backend = backend
+        self.device = local.device
+        self.dtype = local.dtype
+
+    def sharded(self, side: str) -> bool:
+        return self.sharding is not None and self.sharding.dim == (0 if side == "m" else 1)
+
+    def _reduce_if(self, t: torch.Tensor, side: str) -> torch.Tensor:
+        return all_reduce(t, self.sharding.group) if self.sharded(side) else t
+
+    def mm(self, X: torch.Tensor) -> torch.Tensor:
+        """M X for X n-side (this rank's rows when the columns of M are sharded): m-side."""
+        return self._reduce_if(matmul_f32(self.local, X, backend=self.backend), "n")
+
+    def tmm(self, Y: torch.Tensor) -> torch.Tensor:
+        """Yᵀ M (q×n; this rank's columns when they are sharded) for Y m-side."""
+        return self._reduce_if(matmul_f32(Y.mT, self.local, backend=self.backend), "m")
+
+    def col_norms(self, Y: torch.Tensor, side: str) -> torch.Tensor:
+        """Euclidean norms of the columns of a ``side`` quantity."""
+        if not self.sharded(side):
+            return torch.linalg.vector_norm(Y, dim=-2)
+        return all_reduce(Y.double().square().sum(-2), self.sharding.group).sqrt().float()
+
+    def sketch(self, q: int, generator: Optional[torch.Generator], owner: str) -> torch.Tensor:
+        """``M Ω`` (m-side) with the Gaussian n×q Ω of :func:`~loram_fast.ops.matmul.gaussian_sketch` (the same Ω on
+        every rank, and as on one process); NaN/Inf anywhere in M raises on every rank."""
+        if self.sharding is None:
+            return gaussian_sketch(self.local, q, generator, owner, backend=self.backend)
+        if generator is None:
+            generator = torch.Generator(device=self.device).manual_seed(0)
+        omega = torch.randn(self.shape[1], q, generator=generator, device=self.device, dtype=torch.float32)
+        Y = self.mm(self.sharding.local_rows(omega) if self.sharded("n") else omega)
+        if any_rank(not bool(torch.isfinite(Y).all()), self.sharding.group, self.device):
+            raise ValueError(f"loram_fast.{owner}: the input holds NaN or Inf values")
+        return Y
+
+    def orth(self, Y: torch.Tensor, side: str = "m") -> torch.Tensor:
+        """An orthonormal basis of the columns of a ``side`` quantity."""
+        if not self.sharded(side):
+            return orthonormalize(Y, backend=self.backend)
+        return self.qr(Y, side)[0]
+
+    def qr(self, Y: torch.Tensor, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``Y = Q R`` (fp32) of a ``side`` quantity, R q×q upper triangular."""
+        if not self.sharded(side):
+            with small_op(self.device):
+                return torch.linalg.qr(Y.float())
+        sh = self.sharding
+        Q, R = Y.double(), None
+        for _ in range(2):  # CholeskyQR2
+            gram = all_reduce(Q.mT @ Q, sh.group)
+            L, info = torch.linalg.cholesky_ex(gram)
+            diag = torch.diagonal(L).abs()
+            cond2 = float((diag.max() / diag.min().clamp_min(1e-300)) ** 2) if diag.numel() else 1.0
+            if int(info) != 0 or not math.isfinite(cond2) or cond2 >= _MAX_GRAM_COND:
+                # the same Gram matrix on every rank: all take this branch together
+                Qf, Rf = torch.linalg.qr(sh.gather(Y.float()))
+                return sh.local_rows(Qf).contiguous(), Rf
+            Q = torch.linalg.solve_triangular(L.mT, Q, upper=True, left=False)
+            R = L.mT if R is None else L.mT @ R
+        return Q.float(), R.float()
+
+    def gather(self, X: torch.Tensor, side: str) -> torch.Tensor:
+        """The whole of a ``side`` quantity (rows along dim 0) on every rank."""
+        return self.sharding.gather(X) if self.sharded(side) else X
+
+    def whole(self) -> torch.Tensor:
+        """All of M on every rank (an all-gather of out×in entries when sharded; what ``gather_full_weights``
+        costs)."""
+        if self.sharding is None:
+            return self.local
+        if self.sharding.dim == 0:
+            return self.sharding.gather(self.local)
+        return self.sharding.gather(self.local.mT.contiguous()).mT
+
+    def moments(self) -> Moments:
+        """Count, sum and sum of squares (fp64) of all entries of M, all-reduced."""
+        mom = weight_moments(self.local, backend=self.backend)
+        if self.sharding is None:
+            return mom
+        totals = all_reduce(torch.stack([mom.sum.double().cpu(), mom.sumsq.double().cpu(),
+                                         torch.tensor(float(mom.count), dtype=torch.float64)]).to(self.device),
+                            self.sharding.group)
+        return Moments(int(totals[2].item()), totals[0], totals[1])
+
+    def block(self, rows: tuple[int, int], cols: tuple[int, int]) -> torch.Tensor:
+        """``M[rows[0]:rows[1], cols[0]:cols[1]]`` (fp32) on every rank: one all-reduce of its size when sharded."""
+        (r0, r1), (c0, c1) = rows, cols
+        if self.sharding is None:
+            return self.local[r0:r1, c0:c1].float()
+        sh = self.sharding
+        out = torch.zeros(r1 - r0, c1 - c0, dtype=torch.float32, device=self.device)
+        lo, hi = sh.offset, sh.offset + sh.size
+        if sh.dim == 0:
+            a, b = max(r0, lo), min(r1, hi)
+            if a < b:
+                out[a - r0:b - r0] = self.local[a - lo:b - lo, c0:c1].float()
+        else:
+            a, b = max(c0, lo), min(c1, hi)
+            if a < b:
+                out[:, a - c0:b - c0] = self.local[r0:r1, a - lo:b - lo].float()
+        return all_reduce(out, sh.group)
