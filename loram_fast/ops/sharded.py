@@ -223,6 +223,15 @@ class MatrixOperator:
         """The whole of a ``side`` quantity (rows along dim 0) on every rank."""
         return self.sharding.gather(X) if self.sharded(side) else X
 
+    def gram(self, side: str) -> torch.Tensor:
+        """The fp64 Gram matrix over an unsharded ``side``: AᵀA (n×n, side "n") or AAᵀ (m×m, side "m"), summed
+        over the ranks' blocks (one all-reduce of its size)."""
+        if self.sharded(side):
+            raise ValueError(f"loram_fast: the Gram matrix over the sharded side {side!r} needs every rank's block")
+        A = self.local.double()
+        G = A.mT @ A if side == "n" else A @ A.mT
+        return all_reduce(G, self.sharding.group) if self.sharding is not None else G
+
     def whole(self) -> torch.Tensor:
         """All of M on every rank (an all-gather of out×in entries when sharded; what ``gather_full_weights``
         costs)."""

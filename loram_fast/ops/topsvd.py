@@ -127,18 +127,46 @@ def subspace_iteration(A, r: int, q: int, tol: float, max_passes: int, *, give_u
     return (*best, passes, False)
 
 
+# longest unsharded side whose fp64 Gram matrix the sharded top-r SVD of a small weight forms (128 MiB, one eigh)
+GRAM_MAX = 4096
+
+
+def _gram_svd(op: MatrixOperator, r: int, side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-r triplets from the fp64 Gram matrix over ``side`` (the unsharded one): AᵀA (side n) or AAᵀ (side m)."""
+    gram = op.gram(side)  # the same on every rank: all raise together
+    if not bool(torch.isfinite(gram).all()):
+        raise ValueError("loram_fast.top_svd: the input holds NaN or Inf values")
+    evals, evecs = torch.linalg.eigh(gram)
+    top = evecs[:, -r:].flip(-1)  # descending
+    sigma = evals[-r:].flip(-1).clamp_min(0).sqrt()
+    inv = torch.where(sigma > 0, 1.0 / sigma.clamp_min(1e-300), torch.zeros_like(sigma))
+    if side == "n":  # V = top; U = A V / σ (m-side)
+        return (op.mm(top.float()).double() * inv).float(), sigma.float(), top.mT.float().contiguous()
+    # U = top; Vᵀ = Uᵀ A / σ (n-side)
+    return top.float().contiguous(), sigma.float(), (op.tmm(top.float()).double() * inv[:, None]).float()
+
+
 def top_svd_sharded(op: MatrixOperator, r: int, *, tol: float | None = None,
                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`top_svd` of a sharded weight: the same iteration and residual test, never the full SVD (which would
-    need the whole weight). A matrix with min(m, n) <= 4q takes the block q = min(m, n), exact after one pass.
+    need the whole weight). A matrix with min(m, n) <= 4q is solved directly: from the eigenvectors of its fp64 Gram
+    matrix over the unsharded side when that side has at most ``GRAM_MAX`` entries (one all-reduce of its size;
+    fp64 makes it as exact as the full fp32 SVD), else by the randomized SVD with a block of all k columns (exact up
+    to fp32 rounding, i.e. about 1e-7·σ_1/gap in the subspace).
     Raises ``ValueError`` on every rank when the iteration cannot reach ``tol`` (a flat spectrum)."""
     m, n = op.shape
     k = min(m, n)
     tol = default_tol(m, n) if tol is None else tol
     q = min(max(2 * r, r + 16), k)
-    if k <= 4 * q:
-        q = k
-    U, S, Vh, passes, converged = subspace_iteration(op, r, q, tol, 4 * _passes_budget(m, n, q), give_up=q < k,
+    if k <= 4 * q:  # small weight: no iteration
+        whole_side = "n" if op.sharding.dim == 0 else "m"
+        if op.shape[0 if whole_side == "m" else 1] <= GRAM_MAX:
+            return _gram_svd(op, r, whole_side)
+        # a block of all k columns makes Qᵀ A the whole matrix in the basis Q, whose SVD is exact up to rounding
+        from .rsvd import randomized_svd_sharded
+
+        return randomized_svd_sharded(op, r, oversample=k - r, niter=0, generator=generator)
+    U, S, Vh, passes, converged = subspace_iteration(op, r, q, tol, 4 * _passes_budget(m, n, q), give_up=True,
                                                      generator=generator)
     if not converged:
         raise ValueError(f"the exact top-{r} SVD of this sharded {m}×{n} weight did not converge in {passes} "
