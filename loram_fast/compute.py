@@ -30,7 +30,8 @@ def compute(method: Method, targets: list[LoraTarget], options: dict, backend, p
         W = t.weight
         if t.sharding is not None:
             try:
-                inits[i] = compute_sharded(method, t, options, backend, bases, gather_full_weights)
+                extra = per_layer[i] if per_layer is not None else {}
+                inits[i] = compute_sharded(method, t, {**options, **extra}, backend, bases, gather_full_weights)
             except (ValueError, TypeError) as exc:
                 raise type(exc)(f"{t.describe()}: {exc}") from exc
             progress.update(1)
@@ -65,6 +66,10 @@ def compute_sharded(method: Method, t: LoraTarget, options: dict, backend, bases
     ``gather``, the one-process form on the whole weight gathered on every rank. Every rank gets whole A, B (and
     middle); they must agree across ranks (a random init needs the same seed on every rank), else ``ValueError``."""
     op = MatrixOperator(t.weight_view(), t.shape, t.sharding, backend)
+    grad = options.get("grad")
+    if isinstance(grad, torch.Tensor):  # this rank's block of a gradient sharded like the weight (FSDP2)
+        grad = MatrixOperator(grad, t.shape, t.sharding, backend)
+        options = {**options, "grad": grad if method.init_sharded is not None and not gather else grad.whole()}
     if method.init_sharded is not None and not gather:
         init = method.init_sharded(op, t.r, t.scaling, backend=backend, bases=bases, **options)
     else:

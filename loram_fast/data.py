@@ -33,6 +33,8 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
+from .ops.sharded import all_reduce, is_dtensor, local_tensor
+
 logger = logging.getLogger(__name__)
 
 
@@ -169,7 +171,9 @@ def _full(model, weights, views, names, dataloader, loss_fn, train_step, max_bat
     accumulates in ``.grad`` (the weight's dtype; a ``zero_grad()`` inside the step clears it) and is divided by
     the number of backward passes that reached the weight."""
     peft_mode = train_step is not None
-    accum = [None if peft_mode else torch.zeros(w.shape, dtype=torch.float32, device=w.device) for w in weights]
+    # a sharded weight (FSDP2 DTensor): its gradient arrives as this rank's shard, averaged over the ranks by FSDP
+    accum = [None if peft_mode else torch.zeros(local_tensor(w).shape, dtype=torch.float32, device=w.device)
+             for w in weights]
     counts = [0] * len(weights)
     handles = []
     for i, w in enumerate(weights):
@@ -178,14 +182,14 @@ def _full(model, weights, views, names, dataloader, loss_fn, train_step, max_bat
         def hook(p, i=i):
             counts[i] += 1
             if not peft_mode:
-                accum[i].add_(p.grad)
+                accum[i].add_(local_tensor(p.grad))
                 p.grad = None
 
         handles.append(w.register_post_accumulate_grad_hook(hook))
     try:
         _run(model, dataloader, loss_fn, train_step, max_batches, bar)
         if peft_mode:
-            accum = [None if w.grad is None else w.grad.detach().float() for w in weights]
+            accum = [None if w.grad is None else local_tensor(w.grad.detach()).float() for w in weights]
     finally:
         for h in handles:
             h.remove()
@@ -199,6 +203,20 @@ def _full(model, weights, views, names, dataloader, loss_fn, train_step, max_bat
         acc.div_(count)
         out.append(acc.T if transposed else acc)
     return out
+
+
+def _mesh_mean(st: dict, w) -> None:
+    """Average the sketches Y, Z (and the backward count) over every rank of ``w``'s device mesh."""
+    mesh = w.device_mesh
+    packed = torch.cat([st["Y"].reshape(-1), st["Z"].reshape(-1),
+                        torch.tensor([float(st["count"])], device=st["Y"].device)])
+    for dim in range(mesh.ndim):
+        all_reduce(packed, mesh.get_group(dim))
+    packed /= mesh.size()
+    ny = st["Y"].numel()
+    st["Y"] = packed[:ny].reshape(st["Y"].shape)
+    st["Z"] = packed[ny:ny + st["Z"].numel()].reshape(st["Z"].shape)
+    st["count"] = float(packed[-1])
 
 
 def _sketch(model, weights, views, names, base_layers, dataloader, loss_fn, train_step, max_batches, k, seed, bar):
@@ -247,7 +265,9 @@ def _sketch(model, weights, views, names, base_layers, dataloader, loss_fn, trai
         for h in handles:
             h.remove()
     out = []
-    for st, name in zip(states, names):
+    for st, name, w in zip(states, names, weights):
+        if is_dtensor(w):  # data parallel over the weight's mesh: the mean of every rank's sketches
+            _mesh_mean(st, w)
         if st["count"] == 0:
             raise _no_gradient(name)
         denom = batches if train_step is None else st["count"]

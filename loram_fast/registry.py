@@ -233,10 +233,17 @@ def lora_ga_options(lora_ga_config=None, **options) -> dict:
     return options
 
 
+def _lora_one_init(W, r, scaling, *, backend=None, bases=None, stored_rows=None, **o):
+    return _gradient.lora_one_init(W, r, scaling, backend=backend, **o)
+
+
+def _lora_ga_init(W, r, scaling, *, backend=None, bases=None, **o):
+    return _gradient.lora_ga_init(W, r, scaling, backend=backend, **lora_ga_options(**o))
+
+
+# the gradient inits take a sharded weight's operator for W and a sharded (or sketched) gradient as they are
 register(Method(
-    name="lora_one",
-    init=lambda W, r, scaling, *, backend=None, bases=None, stored_rows=None, **o: _gradient.lora_one_init(
-        W, r, scaling, backend=backend, **o),
+    name="lora_one", init=_lora_one_init, init_sharded=_lora_one_init,
     residual=False, needs_data=True,
     description="LoRA-One: SVD of the negative one-step full gradient, sqrt(S)/sqrt(sigma1*gamma) split; W untouched",
     options={"scale": _opt.choice(*_gradient.LORA_ONE_SCALES), "gamma": _opt.positive_real(),
@@ -244,9 +251,7 @@ register(Method(
     check=_gradient.check_rank,
     reference="YuanheZ/LoRA-One run_exp.py (direction LoRA-One); arXiv 2502.01235"))
 register(Method(
-    name="lora_ga",
-    init=lambda W, r, scaling, *, backend=None, bases=None, **o: _gradient.lora_ga_init(
-        W, r, scaling, backend=backend, **lora_ga_options(**o)),
+    name="lora_ga", init=_lora_ga_init, init_sharded=_lora_ga_init,
     residual=True, needs_data=True,
     description="LoRA-GA (peft's): top-2r gradient SVD split between A and B, scaled; residual in W",
     options={"direction": _opt.choice(*_gradient.LORA_GA_DIRECTIONS), "scale": _opt.choice(*_gradient.LORA_GA_SCALES),

@@ -141,7 +141,7 @@ def validate(method: Method, target: LoraTarget, adapter: str, options: dict, *,
         raise NotImplementedError(f"loram_fast: {where} uses DoRA, which has no place for the r×r middle matrix of "
                                   f"method {method.name!r} (DoRA would ignore it); use use_dora=False")
     if target.sharding is not None:
-        _validate_sharded(method, target, options, dora, gather_full_weights)
+        _validate_sharded(method, target, options, gather_full_weights)
     if in_init_model:
         if adapter in getattr(target.layer, "merged_adapters", []):
             raise ValueError(f"loram_fast: adapter {adapter!r} is merged into {where}; unmerge it first")
@@ -153,14 +153,9 @@ def validate(method: Method, target: LoraTarget, adapter: str, options: dict, *,
 
 
 
-def _validate_sharded(method: Method, target: LoraTarget, options: dict, dora: bool, gather: bool) -> None:
+def _validate_sharded(method: Method, target: LoraTarget, options: dict, gather: bool) -> None:
     """What a weight split across ranks rules out (see README, "Sharded models")."""
     where = target.describe()
-    if method.needs_data:
-        raise NotImplementedError(f"loram_fast: method {method.name!r} estimates gradients, which is not supported "
-                                  f"on a base weight split across ranks yet ({where})")
-    if dora:
-        raise NotImplementedError(f"loram_fast: DoRA on a base weight split across ranks is not supported yet ({where})")
     why = "it needs the whole weight" if method.init_sharded is None else (
         method.check_sharded(**options) if method.check_sharded is not None else None)
     if why and not gather:

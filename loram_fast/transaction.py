@@ -32,7 +32,7 @@ from .methods.common import LayerInit, product_residual
 from .ops.bases import dst_basis
 from .ops.norms import lowrank_row_norms
 from .ops.residual import BasisResidual, LowRankResidual, Residual, apply_residual
-from .ops.sharded import Sharding, any_rank, local_part, local_tensor
+from .ops.sharded import Sharding, all_reduce, any_rank, is_dtensor, local_part, local_tensor
 from .targets import LoraTarget
 
 logger = logging.getLogger(__name__)
@@ -190,18 +190,38 @@ class Transaction:
                 self._apply(target, residual, -1.0)
             self._set_record(layer, None if residual is None else (
                 residual.without_bases() if isinstance(residual, BasisResidual) else residual))
-            self._set_dora_magnitude(target)
+            self._set_dora_magnitude(target, init)
 
-    def _set_dora_magnitude(self, target: LoraTarget) -> None:
+    def _set_dora_magnitude(self, target: LoraTarget, init: LayerInit) -> None:
         """DoRA: the magnitude vector becomes the row norms of ``W + s·B A`` (the new residual weight and adapters),
-        as peft's DoRA layer computes it when it is created, so the output is unchanged at step 0."""
+        as peft's DoRA layer computes it when it is created, so the output is unchanged at step 0. A weight split
+        across ranks: each rank's rows (row shards, gathered) or partial sums of squares (column shards,
+        all-reduced), from the adapters as stored."""
         layer = target.layer
         if not layer.use_dora.get(self.adapter, False) or self.adapter not in layer.lora_magnitude_vector:
             return  # no DoRA, or the hook path: peft creates the DoRA layer after this init, from these weights
         magnitude = layer.lora_magnitude_vector[self.adapter].weight
         A = layer.lora_A[self.adapter].weight
         B = layer.lora_B[self.adapter].weight
-        norms = lowrank_row_norms(target.weight_view().to(A.device), B, A, layer.scaling[self.adapter])
+        scaling = layer.scaling[self.adapter]
+        sh = target.sharding
+        if sh is None:
+            norms = lowrank_row_norms(target.weight_view().to(A.device), B, A, scaling)
+        else:
+            W = target.weight_view()
+            A = init.A.to(target.weight.dtype).to(device=W.device, dtype=A.dtype)
+            B = init.B.to(target.weight.dtype).to(device=W.device, dtype=B.dtype)
+            if sh.dim == 0:
+                norms = sh.gather(lowrank_row_norms(W, sh.local_rows(B), A, scaling))
+            else:
+                part = lowrank_row_norms(W, B, sh.local_rows(A.T).T, scaling)
+                norms = all_reduce(part.double().square(), sh.group).sqrt().to(part.dtype)
+        if is_dtensor(magnitude):  # this rank's piece, in place
+            old = local_tensor(magnitude.data)
+            saved = old.clone()
+            self._will(lambda: old.copy_(saved))
+            old.copy_(local_part(norms.to(device=old.device, dtype=old.dtype), magnitude))
+            return
         old = magnitude.data
         self._will(lambda: setattr(magnitude, "data", old))
         magnitude.data = norms.to(device=old.device, dtype=old.dtype)
@@ -227,7 +247,7 @@ class Transaction:
         new = value.to(target.weight.dtype).to(device=param.device, dtype=param.dtype).reshape(param.shape)
         if new.data_ptr() == value.data_ptr() and not owned:
             new = new.clone()
-        if local_tensor(param) is not param:  # a DTensor (FSDP2, distribute_tensor): this rank's piece, in place
+        if is_dtensor(param):  # a DTensor (FSDP2, distribute_tensor): this rank's piece, in place
             data = local_tensor(param.data)
             old = data.clone()
             self._will(lambda: data.copy_(old))

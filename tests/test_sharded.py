@@ -20,7 +20,17 @@ if not dist.is_available() or not dist.is_gloo_available():
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
 
-def _model(dtype, seed=0):
+def _batches():
+    """The same two batches on every rank (so the data-parallel mean equals one process's mean)."""
+    g = torch.Generator().manual_seed(5)
+    out = []
+    for _ in range(2):
+        ids = torch.randint(0, 64, (2, 8), generator=g)
+        out.append({"input_ids": ids, "labels": ids})
+    return out
+
+
+def _model(dtype, seed=0, dora=False):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -28,7 +38,7 @@ def _model(dtype, seed=0):
     cfg = LlamaConfig(hidden_size=60, intermediate_size=90, num_hidden_layers=2, num_attention_heads=4, head_dim=16,
                       num_key_value_heads=2, vocab_size=64, max_position_embeddings=32)
     base = LlamaForCausalLM(cfg).to(dtype)
-    return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=dora))
 
 
 def _lora_layers(model):
@@ -88,35 +98,50 @@ def _exact_pissa(W0, r, scaling):
 
 
 def _compare(sharded, reference, method, dtype, ulps=1):
-    # ulps: bf16 roundings by which the weights may differ (1: per entry; more: in norm)
-    """Gathered sharded weights and adapters against the one-process reference. Exact PiSSA in fp32 is compared
-    with an fp64 SVD instead: the tiny model's random weights have near-equal 4th and 5th singular values (gap
-    3e-4 of σ_1), where the one-process fp32 SVD itself is 7e-5 away from the exact residual."""
+    """Gathered sharded weights and adapters against the one-process reference (``ulps``: bf16 roundings by which
+    the weights may differ; 1: per entry, more: in norm).
+
+    - Exact PiSSA in fp32 is compared with an fp64 SVD: the tiny model's random weights have near-equal 4th and 5th
+      singular values (gap 3e-4 of σ_1), where the one-process fp32 SVD itself is 7e-5 away from the exact residual.
+    - Randomized and gradient methods: the same draws and steps, but sums over shards round differently; amplified
+      by flat spectra, the subspace moves by 1e-5..1e-4 (tolerance 1e-4).
+    - LoRA-GA pairs the i-th right with the (r+i)-th left singular vector, so its result depends on each vector's
+      sign, which LAPACK decides from entries that can be near zero: a different summation order may flip one.
+      Signs are free there: A's rows and B's columns are compared up to sign, and W + s·B A (the original weight)
+      exactly."""
     tol = 1e-5 if dtype == torch.float32 else 1e-2
-    if method.startswith("pissa_niter"):
-        # the same Ω and steps, but CholeskyQR2 on the shards where one process runs Householder QR: their rounding
-        # differences, amplified by the flat spectrum, move the randomized subspace by about 1e-5..1e-4
+    if method.startswith(("pissa_niter", "lora_")):
         tol = 1e-4 if dtype == torch.float32 else 1e-2
     originals = _lora_layers(_model(dtype)) if method == "pissa" and dtype == torch.float32 else None
     for k, ((name, ls), (_, lr)) in enumerate(zip(_lora_layers(sharded), _lora_layers(reference))):
         W, W_ref = _full(ls.get_base_layer().weight), _full(lr.get_base_layer().weight)
+        A, B = _full(ls.lora_A["default"].weight), _full(ls.lora_B["default"].weight)
+        A_ref, B_ref = _full(lr.lora_A["default"].weight), _full(lr.lora_B["default"].weight)
+        s = ls.scaling["default"]
+        if method == "lora_ga":
+            A = A * torch.sign((A * A_ref).sum(1, keepdim=True))
+            B = B * torch.sign((B * B_ref).sum(0, keepdim=True))
+            W, W_ref = W + s * _full(ls.lora_B["default"].weight) @ _full(ls.lora_A["default"].weight), \
+                W_ref + s * B_ref @ A_ref
         if originals is not None:
             W0 = originals[k][1].get_base_layer().weight.detach().float()
             W_ref, P = _exact_pissa(W0, lr.r["default"], lr.scaling["default"])
-            BA = _full(ls.lora_B["default"].weight) @ _full(ls.lora_A["default"].weight) * ls.scaling["default"]
-            assert _rel(BA, P) <= tol, (method, name, _rel(BA, P))
+            assert _rel(s * B @ A, P) <= tol, (method, name, _rel(s * B @ A, P))
         if dtype == torch.float32:
             assert _rel(W, W_ref) <= tol, (method, name, _rel(W, W_ref))
-        elif ulps == 1:  # the same fp32 residual rounded once: at most one bf16 step apart per entry
+        elif ulps == 1 and method != "lora_ga":  # the same fp32 residual rounded once: one bf16 step per entry
             assert bool(((W - W_ref).abs() <= W_ref.abs() * 2 ** -7 + 1e-6).all()), (method, name)
         else:  # several roundings (a chain of inits; cancellation makes a per-entry bound meaningless)
             assert _rel(W, W_ref) <= 1e-2, (method, name, _rel(W, W_ref))
-        A, B = _full(ls.lora_A["default"].weight), _full(ls.lora_B["default"].weight)
-        A_ref, B_ref = _full(lr.lora_A["default"].weight), _full(lr.lora_B["default"].weight)
-        if method.startswith("pissa"):  # singular vectors: signs are free, the product is not
-            assert originals is not None or _rel(B @ A, B_ref @ A_ref) <= 10 * tol, (method, name, _rel(B @ A, B_ref @ A_ref))
+        if method.startswith(("pissa", "lora_one")):  # singular vectors: signs are free, the product is not
+            assert originals is not None or _rel(B @ A, B_ref @ A_ref) <= 10 * tol, (method, name,
+                                                                                     _rel(B @ A, B_ref @ A_ref))
         else:
             assert _rel(A, A_ref) <= tol and _rel(B, B_ref) <= tol, (method, name, _rel(A, A_ref), _rel(B, B_ref))
+        if lr.use_dora.get("default", False):  # DoRA: the magnitude is the row norms of W + s·B A
+            mag = _full(ls.lora_magnitude_vector["default"].weight)
+            mag_ref = _full(lr.lora_magnitude_vector["default"].weight)
+            assert _rel(mag, mag_ref) <= tol, (method, name, _rel(mag, mag_ref))
         if "lora_N" in lr._modules and "default" in lr.lora_N:
             assert _rel(_full(ls.lora_N["default"].weight), _full(lr.lora_N["default"].weight)) <= tol
         for mod in ("lora_A", "lora_B"):
@@ -124,12 +149,16 @@ def _compare(sharded, reference, method, dtype, ulps=1):
 
 
 def _run_method(how, mesh, dtype, method, **options):
+    """``_dora=True``: the adapters use DoRA; ``_data=True``: the gradient methods get :func:`_batches`."""
     import loram_fast
 
-    reference = _model(dtype)
+    dora = options.pop("_dora", False)
+    if options.pop("_data", False):
+        options["dataloader"] = _batches()
+    reference = _model(dtype, dora=dora)
     torch.manual_seed(1234)
     loram_fast.init_model(reference, method, progress=False, **options)
-    sharded = _shard(_model(dtype), how, mesh)
+    sharded = _shard(_model(dtype, dora=dora), how, mesh)
     torch.manual_seed(1234)
     loram_fast.init_model(sharded, method, progress=False, **options)
     _compare(sharded, reference, method, dtype)
@@ -170,8 +199,6 @@ def _check_failures(how, mesh, dtype, rank):
         loram_fast.init_model(sharded, "milora", progress=False)
     with pytest.raises(NotImplementedError, match="whole weight"):
         loram_fast.init_model(sharded, "pissa", solver="svd", progress=False)
-    with pytest.raises(NotImplementedError, match="gradients"):
-        loram_fast.init_model(sharded, "lora_one", dataloader=[{}], progress=False)
     _assert_same_state(before, sharded)
     # ranks whose random draws differ: every rank refuses
     torch.manual_seed(100 + rank)
@@ -286,9 +313,17 @@ METHODS = [("loram", {}), ("loram_dct", {}), ("pissa", {}), ("pissa_niter_2", {}
            ("nlora", {"residual": True}), ("inttune", {}), ("slora", {}), ("orthogonal", {})]
 
 
+# data-driven methods run a forward and backward pass: FSDP2 only (a model with plain DTensor weights has no forward)
+GRADIENT = [("lora_one", {"_data": True}), ("lora_one", {"_data": True, "gradient_mode": "sketch"}),
+            ("lora_ga", {"_data": True}), ("lora_ga", {"_data": True, "gradient_mode": "sketch", "solver": "exact"})]
+DORA = [("loram", {"_dora": True}), ("pissa", {"_dora": True}), ("olora", {"_dora": True})]
+
+
 def test_two_ranks():
     plan = [("method", how, "float32", m, o) for how in ("fsdp2", "shard0", "shard1") for m, o in METHODS]
-    plan += [("method", "fsdp2", "bfloat16", m, o) for m, o in METHODS]
+    plan += [("method", "fsdp2", "float32", m, o) for m, o in GRADIENT + DORA]
+    plan += [("method", "shard1", "float32", m, o) for m, o in DORA]
+    plan += [("method", "fsdp2", "bfloat16", m, o) for m, o in METHODS + GRADIENT[:1] + DORA[:1]]
     plan += [("method", "shard1", "bfloat16", m, o) for m, o in METHODS[:5]]
     plan += [("output", "fsdp2", "float32"), ("output", "fsdp2", "bfloat16"), ("failures", "fsdp2", "float32"),
              ("failures", "shard1", "bfloat16"), ("gather", "shard1", "float32"), ("hook", "shard0", "float32")]
@@ -297,6 +332,7 @@ def test_two_ranks():
 
 def test_four_ranks():
     plan = [("method", how, "float32", m, o) for how in ("fsdp2", "shard1") for m, o in METHODS[:5]]
+    plan += [("method", "fsdp2", "float32", m, o) for m, o in GRADIENT[::2] + DORA[:1]]
     plan += [("method", "fsdp2", "bfloat16", m, o) for m, o in METHODS[:5]]
     plan += [("output", "fsdp2", "float32"), ("failures", "shard0", "float32"), ("gather", "fsdp2", "bfloat16")]
     _spawn(4, plan)

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.rsvd import randomized_svd
+from ..ops.rsvd import randomized_svd, randomized_svd_sharded, svd_lowrank_sharded
+from ..ops.sharded import MatrixOperator
+from ..ops.topsvd import top_svd_sharded
 from .common import LayerInit, product_residual
 
 SOLVERS = ("exact", "rsvd", "svd_lowrank")
@@ -37,13 +39,16 @@ def top_svd(M: torch.Tensor, k: int, *, solver: str, niter: int = 4, q: int | No
     if hasattr(M, "left"):  # a sketched gradient Q @ R with orthonormal Q: SVD of the small factor
         Ur, S, Vh = torch.linalg.svd(M.right.float(), full_matrices=False)
         k = min(k, S.shape[0])
-        return (M.left @ Ur)[:, :k], S[:k], Vh[:k]
+        U, S, Vh = (M.left @ Ur)[:, :k], S[:k], Vh[:k]
+        return _canonical_signs(U, S, Vh) if solver == "exact" else (U, S, Vh)
+    if isinstance(M, MatrixOperator):
+        return _top_svd_sharded(M, k, solver=solver, niter=niter, q=q)
     if not bool(torch.isfinite(M).all()):
         raise ValueError("the gradient holds NaN or Inf values")
     kmax = min(M.shape)
     k = min(k, kmax)
     if solver == "exact":
-        U, S, Vh = torch.linalg.svd(M.float(), full_matrices=False)
+        U, S, Vh = _canonical_signs(*torch.linalg.svd(M.float(), full_matrices=False))
     elif solver == "rsvd":
         U, S, Vh = randomized_svd(M, k, niter=niter, backend=backend)
     else:
@@ -52,11 +57,43 @@ def top_svd(M: torch.Tensor, k: int, *, solver: str, niter: int = 4, q: int | No
     return U[:, :k], S[:k], Vh[:k]
 
 
+def _top_svd_sharded(M: MatrixOperator, k: int, *, solver: str, niter: int, q: int | None):
+    """:func:`top_svd` of a matrix split across ranks (a sharded gradient or weight), whole on every rank:
+    "exact" the sharded subspace iteration, "rsvd" our sharded randomized SVD, "svd_lowrank" torch's algorithm on
+    the sharded products (the same Gaussian draw from torch's global generator, on the taller orientation)."""
+    k = min(k, *M.shape)
+    if solver == "exact":
+        U, S, Vh = top_svd_sharded(M, k)
+    elif solver == "rsvd":
+        U, S, Vh = randomized_svd_sharded(M, k, niter=niter)
+    else:
+        U, S, Vh = svd_lowrank_sharded(M, min(q or k, *M.shape), niter=niter)
+    U, S, Vh = U[..., :k], S[:k], Vh[:k]
+    U, Vh = M.gather(U, "m"), M.gather(Vh.mT, "n").mT
+    return _canonical_signs(U, S, Vh) if solver == "exact" else (U, S, Vh)
+
+
+def _canonical_signs(U, S, Vh):
+    """Each singular pair (u_i, v_i) signed so that v_i's largest-magnitude entry is positive: the exact solver's
+    result then does not depend on the SVD routine (one process's LAPACK or the sharded iteration)."""
+    idx = Vh.abs().argmax(dim=-1, keepdim=True)
+    signs = torch.sign(torch.gather(Vh, -1, idx)).squeeze(-1)
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    return U * signs, S, Vh * signs[:, None]
+
+
 def negated(G):
-    """−G for a dense or a sketched (``left @ right``) gradient."""
+    """−G for a dense, a sketched (``left @ right``) or a sharded gradient."""
     if hasattr(G, "left"):
         return type(G)(left=G.left, right=-G.right)
+    if isinstance(G, MatrixOperator):
+        return MatrixOperator(-G.local.float(), G.shape, G.sharding, G.backend)
     return -G.float()
+
+
+def _as_float(W):
+    """W in fp32 (a sharded weight's operator as it is: its products accumulate in fp32)."""
+    return W if isinstance(W, MatrixOperator) else W.float()
 
 
 def check_rank(shape, r, **_):
@@ -89,7 +126,8 @@ def lora_one_init(W: torch.Tensor, r: int, scaling: float, *, grad: torch.Tensor
     elif scale == "gd":
         A, B = A / scaling, B / scaling
     elif scale == "weightS":
-        _, S_w, _ = top_svd(W.float(), r, solver="exact" if solver == "exact" else "rsvd", niter=4, backend=backend)
+        _, S_w, _ = top_svd(_as_float(W), r, solver="exact" if solver == "exact" else "rsvd", niter=4,
+                            backend=backend)
         avg = (S_w[:r] / scaling).sqrt().mean()
         A, B = A * avg, B * avg
     return LayerInit(A=A.contiguous(), B=B.contiguous(), scaling=scaling)
@@ -124,7 +162,7 @@ def lora_ga_init(W: torch.Tensor, r: int, scaling: float, *, grad: torch.Tensor,
         rows = W.shape[0] if stable_dim == "out" or stored_rows is None else stored_rows
         B = B * (rows ** 0.25 / stable_gamma ** 0.5)
     elif scale == "weight_svd":
-        _, S_w, _ = top_svd(W.float(), r, solver=solver, niter=4, q=r, backend=backend)
+        _, S_w, _ = top_svd(_as_float(W), r, solver=solver, niter=4, q=r, backend=backend)
         if S_B[0] > 0:
             B = B * (S_w[0] / S_B[0])
     elif scale == "gd_scale":

@@ -74,6 +74,25 @@ def randomized_svd_sharded(op: MatrixOperator, rank: int, *, oversample: int = 8
     return _randomized_svd(op, rank, oversample=oversample, niter=niter, tol=None, max_passes=1, generator=generator)
 
 
+def svd_lowrank_sharded(op: MatrixOperator, q: int, *, niter: int = 2):
+    """``torch.svd_lowrank(A, q, niter)`` on a sharded weight: torch's steps (the taller orientation, the Gaussian
+    draw from torch's global generator, Householder-signed QRs, the SVD of the whole q×n core), so even results that
+    depend on singular-vector signs (LoRA-GA) match one process. Returns (U, S, Vh) with U / Vh local where sharded."""
+    if op.shape[0] < op.shape[1]:
+        U, S, Vh = svd_lowrank_sharded(op.transposed(), q, niter=niter)
+        return Vh.mT, S, U.mT
+    generator = torch.default_generator if op.device.type == "cpu" else torch.cuda.default_generators[
+        op.device.index if op.device.index is not None else torch.cuda.current_device()]
+    Q = op.qr(op.sketch(q, generator, "svd_lowrank"), "m")[0]
+    for _ in range(niter):
+        Q = op.qr(op.tmm(Q).mT, "n")[0]
+        Q = op.qr(op.mm(Q), "m")[0]
+    core = op.gather(op.tmm(Q).mT, "n").mT  # Qᵀ A, whole: q×n
+    Ub, S, Vh = torch.linalg.svd(core, full_matrices=False)
+    Vh = op.sharding.local_rows(Vh.mT).mT if op.sharded("n") else Vh
+    return Q @ Ub, S, Vh
+
+
 def _randomized_svd(op: MatrixOperator, rank: int, *, oversample: int, niter: int, tol, max_passes: int, generator):
     k = min(op.shape)
     q = min(rank + oversample, k)

@@ -21,7 +21,7 @@ together and none waits in a collective the others left.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -141,6 +141,10 @@ def local_part(full: torch.Tensor, param) -> torch.Tensor:
     return out
 
 
+def is_dtensor(t) -> bool:
+    return callable(getattr(t, "to_local", None))
+
+
 def local_tensor(t) -> torch.Tensor:
     """The local tensor of a DTensor (in place: writes reach the sharded storage), else ``t`` itself."""
     to_local = getattr(t, "to_local", None)
@@ -159,6 +163,11 @@ class MatrixOperator:
         self.backend = backend
         self.device = local.device
         self.dtype = local.dtype
+
+    def transposed(self) -> "MatrixOperator":
+        """Mᵀ (the sharded dimension follows)."""
+        sharding = None if self.sharding is None else replace(self.sharding, dim=1 - self.sharding.dim)
+        return MatrixOperator(self.local.mT, (self.shape[1], self.shape[0]), sharding, self.backend)
 
     def sharded(self, side: str) -> bool:
         return self.sharding is not None and self.sharding.dim == (0 if side == "m" else 1)
@@ -200,11 +209,16 @@ class MatrixOperator:
         return self.qr(Y, side)[0]
 
     def qr(self, Y: torch.Tensor, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``Y = Q R`` (fp32) of a ``side`` quantity, R q×q upper triangular."""
+        """``Y = Q R`` (fp32) of a ``side`` quantity, R q×q upper triangular, with the signs of Householder QR
+        (``torch.linalg.qr``, LAPACK's convention) also on the sharded side, so sign-sensitive consumers (LoRA-GA
+        pairs the i-th right with the (r+i)-th left singular vector) get one process's result."""
         if not self.sharded(side):
             with small_op(self.device):
                 return torch.linalg.qr(Y.float())
         sh = self.sharding
+        q = Y.shape[-1]
+        if sh.length <= 2 * q:  # a short panel: Householder on the whole of it
+            return self._gathered_qr(Y)
         Q, R = Y.double(), None
         for _ in range(2):  # CholeskyQR2
             gram = all_reduce(Q.mT @ Q, sh.group)
@@ -212,12 +226,32 @@ class MatrixOperator:
             diag = torch.diagonal(L).abs()
             cond2 = float((diag.max() / diag.min().clamp_min(1e-300)) ** 2) if diag.numel() else 1.0
             if int(info) != 0 or not math.isfinite(cond2) or cond2 >= _MAX_GRAM_COND:
-                # the same Gram matrix on every rank: all take this branch together
-                Qf, Rf = torch.linalg.qr(sh.gather(Y.float()))
-                return sh.local_rows(Qf).contiguous(), Rf
+                return self._gathered_qr(Y)  # the same Gram matrix on every rank: all take this branch together
             Q = torch.linalg.solve_triangular(L.mT, Q, upper=True, left=False)
             R = L.mT if R is None else L.mT @ R
-        return Q.float(), R.float()
+        signs = self._householder_signs(Q)
+        return (Q * signs).float(), (signs[:, None] * R).float()
+
+    def _gathered_qr(self, Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        Qf, Rf = torch.linalg.qr(self.sharding.gather(Y.float()))
+        return self.sharding.local_rows(Qf).contiguous(), Rf
+
+    def _householder_signs(self, Q: torch.Tensor) -> torch.Tensor:
+        """D (±1 per column) with ``Q·D`` the Householder Q of the same panel (Q: this rank's rows of a sharded panel
+        with orthonormal columns, fp64). Householder QR of a matrix with orthonormal columns takes every reflector's
+        sign from its top q×q block T alone, so LAPACK's QR of ``[T; C]`` (C completing the columns to orthonormal,
+        ``CᵀC = I − TᵀT``) shows the signs: one all-reduce of q×q (Ballard et al. 2015, Householder reconstruction)."""
+        sh, q = self.sharding, Q.shape[-1]
+        top = torch.zeros(q, q, dtype=Q.dtype, device=Q.device)
+        a, b = sh.offset, min(q, sh.offset + sh.size)  # this rank's global rows among the first q
+        if a < b:
+            top[a:b] = Q[:b - a]
+        all_reduce(top, sh.group)
+        lam, V = torch.linalg.eigh(torch.eye(q, dtype=Q.dtype, device=Q.device) - top.mT @ top)
+        completion = lam.clamp_min(0).sqrt()[:, None] * V.mT
+        R = torch.linalg.qr(torch.cat([top, completion])).R
+        signs = torch.sign(torch.diagonal(R))
+        return torch.where(signs == 0, torch.ones_like(signs), signs)
 
     def gather(self, X: torch.Tensor, side: str) -> torch.Tensor:
         """The whole of a ``side`` quantity (rows along dim 0) on every rank."""

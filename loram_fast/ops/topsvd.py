@@ -162,14 +162,14 @@ def top_svd_sharded(op: MatrixOperator, r: int, *, tol: float | None = None,
         whole_side = "n" if op.sharding.dim == 0 else "m"
         if op.shape[0 if whole_side == "m" else 1] <= GRAM_MAX:
             return _gram_svd(op, r, whole_side)
-        # a block of all k columns makes Qᵀ A the whole matrix in the basis Q, whose SVD is exact up to rounding
-        from .rsvd import randomized_svd_sharded
-
-        return randomized_svd_sharded(op, r, oversample=k - r, niter=0, generator=generator)
+        # a block of all k columns spans the whole range: Rayleigh–Ritz on it is exact up to rounding
+        U, S, Vh, _, _ = subspace_iteration(op, r, k, tol, 2, generator=generator)
+        return U, S, Vh
     U, S, Vh, passes, converged = subspace_iteration(op, r, q, tol, 4 * _passes_budget(m, n, q), give_up=True,
                                                      generator=generator)
     if not converged:
         raise ValueError(f"the exact top-{r} SVD of this sharded {m}×{n} weight did not converge in {passes} "
-                         "pass(es) (flat spectrum: only a full SVD of the whole weight would give it); use "
-                         "pissa_niter_<N>, or init_model(..., gather_full_weights=True)")
+                         "pass(es) (flat spectrum: only a full SVD of the whole matrix would give it); use a randomized "
+                         "solver (pissa_niter_<N> for PiSSA, solver='rsvd' for the gradient inits), or "
+                         "init_model(..., gather_full_weights=True)")
     return U, S, Vh
