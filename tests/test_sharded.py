@@ -41,6 +41,18 @@ def _model(dtype, seed=0, dora=False):
     return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=dora))
 
 
+def _gpt2(dtype, seed=0, dora=False):
+    """A tiny GPT-2: its Conv1D weights are stored in×out (fan_in_fan_out), so Shard(0) splits the inputs."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_embd=48, n_layer=1, n_head=4, vocab_size=64, n_positions=32)
+    base = GPT2LMHeadModel(cfg).to(dtype)
+    return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"],
+                                           fan_in_fan_out=True, use_dora=dora))
+
+
 def _lora_layers(model):
     from peft.tuners.lora import LoraLayer
 
@@ -97,7 +109,7 @@ def _exact_pissa(W0, r, scaling):
     return (W0.double() - P).float(), P.float()
 
 
-def _compare(sharded, reference, method, dtype, ulps=1):
+def _compare(sharded, reference, method, dtype, ulps=1, build=None):
     """Gathered sharded weights and adapters against the one-process reference (``ulps``: bf16 roundings by which
     the weights may differ; 1: per entry, more: in norm).
 
@@ -112,20 +124,22 @@ def _compare(sharded, reference, method, dtype, ulps=1):
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     if method.startswith(("pissa_niter", "lora_")):
         tol = 1e-4 if dtype == torch.float32 else 1e-2
-    originals = _lora_layers(_model(dtype)) if method == "pissa" and dtype == torch.float32 else None
+    originals = _lora_layers((build or _model)(dtype)) if method == "pissa" and dtype == torch.float32 else None
     for k, ((name, ls), (_, lr)) in enumerate(zip(_lora_layers(sharded), _lora_layers(reference))):
         W, W_ref = _full(ls.get_base_layer().weight), _full(lr.get_base_layer().weight)
         A, B = _full(ls.lora_A["default"].weight), _full(ls.lora_B["default"].weight)
         A_ref, B_ref = _full(lr.lora_A["default"].weight), _full(lr.lora_B["default"].weight)
         s = ls.scaling["default"]
+        stored = (lambda M: M.T) if getattr(lr, "fan_in_fan_out", False) else (lambda M: M)  # out×in ↔ as stored
         if method == "lora_ga":
             A = A * torch.sign((A * A_ref).sum(1, keepdim=True))
             B = B * torch.sign((B * B_ref).sum(0, keepdim=True))
-            W, W_ref = W + s * _full(ls.lora_B["default"].weight) @ _full(ls.lora_A["default"].weight), \
-                W_ref + s * B_ref @ A_ref
+            W = W + stored(s * _full(ls.lora_B["default"].weight) @ _full(ls.lora_A["default"].weight))
+            W_ref = W_ref + stored(s * B_ref @ A_ref)
         if originals is not None:
             W0 = originals[k][1].get_base_layer().weight.detach().float()
-            W_ref, P = _exact_pissa(W0, lr.r["default"], lr.scaling["default"])
+            W_ref, P = _exact_pissa(stored(W0), lr.r["default"], lr.scaling["default"])
+            W_ref = stored(W_ref)
             assert _rel(s * B @ A, P) <= tol, (method, name, _rel(s * B @ A, P))
         if dtype == torch.float32:
             assert _rel(W, W_ref) <= tol, (method, name, _rel(W, W_ref))
@@ -153,15 +167,16 @@ def _run_method(how, mesh, dtype, method, **options):
     import loram_fast
 
     dora = options.pop("_dora", False)
+    build = _gpt2 if options.pop("_gpt2", False) else _model
     if options.pop("_data", False):
         options["dataloader"] = _batches()
-    reference = _model(dtype, dora=dora)
+    reference = build(dtype, dora=dora)
     torch.manual_seed(1234)
     loram_fast.init_model(reference, method, progress=False, **options)
-    sharded = _shard(_model(dtype, dora=dora), how, mesh)
+    sharded = _shard(build(dtype, dora=dora), how, mesh)
     torch.manual_seed(1234)
     loram_fast.init_model(sharded, method, progress=False, **options)
-    _compare(sharded, reference, method, dtype)
+    _compare(sharded, reference, method, dtype, build=build)
     assert sharded.peft_config["default"].init_lora_weights == reference.peft_config["default"].init_lora_weights
     return sharded, reference
 
@@ -317,12 +332,15 @@ METHODS = [("loram", {}), ("loram_dct", {}), ("pissa", {}), ("pissa_niter_2", {}
 GRADIENT = [("lora_one", {"_data": True}), ("lora_one", {"_data": True, "gradient_mode": "sketch"}),
             ("lora_ga", {"_data": True}), ("lora_ga", {"_data": True, "gradient_mode": "sketch", "solver": "exact"})]
 DORA = [("loram", {"_dora": True}), ("pissa", {"_dora": True}), ("olora", {"_dora": True})]
+CONV1D = [("loram", {"_gpt2": True}), ("pissa", {"_gpt2": True}), ("pissa_niter_2", {"_gpt2": True}),
+          ("olora", {"_gpt2": True}), ("nlora", {"_gpt2": True, "residual": True}), ("loram", {"_gpt2": True, "_dora": True})]
 
 
 def test_two_ranks():
     plan = [("method", how, "float32", m, o) for how in ("fsdp2", "shard0", "shard1") for m, o in METHODS]
     plan += [("method", "fsdp2", "float32", m, o) for m, o in GRADIENT + DORA]
     plan += [("method", "shard1", "float32", m, o) for m, o in DORA]
+    plan += [("method", how, "float32", m, o) for how in ("shard0", "shard1") for m, o in CONV1D]
     plan += [("method", "fsdp2", "bfloat16", m, o) for m, o in METHODS + GRADIENT[:1] + DORA[:1]]
     plan += [("method", "shard1", "bfloat16", m, o) for m, o in METHODS[:5]]
     plan += [("output", "fsdp2", "float32"), ("output", "fsdp2", "bfloat16"), ("failures", "fsdp2", "float32"),
@@ -336,3 +354,46 @@ def test_four_ranks():
     plan += [("method", "fsdp2", "bfloat16", m, o) for m, o in METHODS[:5]]
     plan += [("output", "fsdp2", "float32"), ("failures", "shard0", "float32"), ("gather", "fsdp2", "bfloat16")]
     _spawn(4, plan)
+
+
+def test_hook_gathers_like_peft_under_deepspeed_zero3(monkeypatch):
+    """Under DeepSpeed ZeRO-3 peft gathers a partitioned base weight around its own inits (``gather_params_ctx``);
+    the hook does the same around ours: a stand-in ``deepspeed.zero.GatheredParameters`` records each entry, and
+    the weights come out as without ZeRO-3."""
+    import contextlib
+    import sys
+    import types
+
+    import peft.utils.integrations as integrations
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import loram_fast  # noqa: F401  (installs the hook)
+
+    entered = []
+
+    @contextlib.contextmanager
+    def gathered(param, modifier_rank=None, fwd_module=None):
+        entered.append((param, modifier_rank))
+        yield
+
+    fake = types.ModuleType("deepspeed")
+    fake.zero = types.SimpleNamespace(GatheredParameters=gathered)
+
+    def build():
+        torch.manual_seed(0)
+        cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                          num_key_value_heads=1, vocab_size=64)
+        return get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=4, target_modules=["q_proj", "down_proj"],
+                                                                 init_lora_weights="loram"))
+
+    plain = build()
+    monkeypatch.setitem(sys.modules, "deepspeed", fake)
+    monkeypatch.setattr(integrations, "check_deepspeed_zero3_enabled", lambda: True)
+    zero3 = build()
+    layers = [m for _, m in _lora_layers(zero3)]
+    assert [p for p, _ in entered] == [m.get_base_layer().weight for m in layers]
+    assert all(rank == 0 for _, rank in entered)
+    for (_, a), (_, b) in zip(_lora_layers(plain), _lora_layers(zero3)):
+        assert torch.equal(a.get_base_layer().weight, b.get_base_layer().weight)
+        assert torch.equal(a.lora_A["default"].weight, b.lora_A["default"].weight)
