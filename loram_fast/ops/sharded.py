@@ -31,8 +31,9 @@ from .moments import Moments, weight_moments
 from .orth import orthonormalize
 from .threads import small_op
 
-# payload bytes and calls of every collective made here (reset and read by benchmarks and tests)
-COUNTER = {"bytes": 0, "calls": 0}
+# payload bytes and calls of every collective made here, and the bytes of the all-gathers among them (reset and
+# read by benchmarks and tests)
+COUNTER = {"bytes": 0, "calls": 0, "gathered": 0}
 # squared condition number of a Gram factor above which distributed CholeskyQR is not trusted (as ops/orth.py)
 _MAX_GRAM_COND = 1e12
 
@@ -89,6 +90,7 @@ class Sharding:
         padded[:local.shape[0]] = local
         parts = [torch.empty_like(padded) for _ in sizes]
         COUNTER["bytes"] += padded.numel() * padded.element_size() * self.world
+        COUNTER["gathered"] += padded.numel() * padded.element_size() * self.world
         COUNTER["calls"] += 1
         _dist().all_gather(parts, padded.contiguous(), group=self.group)
         return torch.cat([p[:s] for p, s in zip(parts, sizes)])
