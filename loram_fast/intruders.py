@@ -53,6 +53,9 @@ def reduce_intruder_dimension(peft_model, old_adapter_name: str = "default", new
         if old_adapter_name not in t.layer.lora_A:
             raise NotImplementedError(f"loram_fast.reduce_intruder_dimension: {t.name} is an embedding LoRA layer; "
                                       "only linear layers are supported")
+        if t.sharding is not None:
+            raise NotImplementedError(f"loram_fast.reduce_intruder_dimension: the base weight of {t.name} is split "
+                                      "across ranks (DTensor); run it on the unsharded model")
         if getattr(t.layer, "lora_N", None) is not None and old_adapter_name in t.layer.lora_N:
             raise NotImplementedError(f"loram_fast.reduce_intruder_dimension: {t.name} has an r×r middle matrix; "
                                       "only two-matrix adapters are supported")

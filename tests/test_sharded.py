@@ -74,6 +74,14 @@ def _shard(model, how, mesh):
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
         return model
+    if how == "hsdp":  # a 2-D mesh: replicas × shards, placements (Replicate(), Shard(0))
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh2 = init_device_mesh("cpu", (2, mesh.size() // 2), mesh_dim_names=("replicate", "shard"))
+        for layer in model.base_model.model.model.layers:
+            fully_shard(layer, mesh=mesh2)
+        fully_shard(model, mesh=mesh2)
+        return model
     dim = {"shard0": 0, "shard1": 1}[how]
     for _, layer in _lora_layers(model):
         base = layer.get_base_layer()
@@ -152,7 +160,11 @@ def _compare(sharded, reference, method, dtype, ulps=1, build=None):
             assert originals is not None or _rel(B @ A, B_ref @ A_ref) <= 10 * tol, (method, name,
                                                                                      _rel(B @ A, B_ref @ A_ref))
         else:
-            assert _rel(A, A_ref) <= tol and _rel(B, B_ref) <= tol, (method, name, _rel(A, A_ref), _rel(B, B_ref))
+            # LoRA-GA's individual singular vectors: where two singular values of the gradient are 0.6 % apart (layer
+            # 0's down_proj), a rounding of 1e-7 turns them by up to 1e-3 (measured 7e-4 with torch 2.13)
+            tol_ab = 1e-3 if method == "lora_ga" else tol
+            assert _rel(A, A_ref) <= tol_ab and _rel(B, B_ref) <= tol_ab, (method, name, _rel(A, A_ref),
+                                                                            _rel(B, B_ref))
         if lr.use_dora.get("default", False):  # DoRA: the magnitude is the row norms of W + s·B A
             mag = _full(ls.lora_magnitude_vector["default"].weight)
             mag_ref = _full(lr.lora_magnitude_vector["default"].weight)
@@ -261,9 +273,10 @@ def _check_gather(how, mesh, dtype):
     """gather_full_weights=True: methods that need the whole weight run on it, gathered one at a time."""
     from loram_fast.ops.sharded import COUNTER
 
-    COUNTER["bytes"] = 0
-    _run_method(how, mesh, dtype, "milora", gather_full_weights=True)
-    assert COUNTER["bytes"] > 0
+    for method in ("milora", "mica"):
+        COUNTER["bytes"] = 0
+        _run_method(how, mesh, dtype, method, gather_full_weights=True)
+        assert COUNTER["bytes"] > 0
 
 
 def _check_hook(mesh, dtype):
@@ -342,7 +355,7 @@ def test_two_ranks():
     plan += [("method", "fsdp2", "float32", m, o) for m, o in GRADIENT + DORA]
     plan += [("method", "shard1", "float32", m, o) for m, o in DORA]
     plan += [("method", how, "float32", m, o) for how in ("shard0", "shard1") for m, o in CONV1D]
-    plan += [("method", "fsdp2", "bfloat16", m, o) for m, o in METHODS + GRADIENT[:1] + DORA[:1]]
+    plan += [("method", "fsdp2", "bfloat16", m, o) for m, o in METHODS + GRADIENT[:1] + GRADIENT[2:3] + DORA[:1]]
     plan += [("method", "shard1", "bfloat16", m, o) for m, o in METHODS[:5]]
     plan += [("output", "fsdp2", "float32"), ("output", "fsdp2", "bfloat16"), ("failures", "fsdp2", "float32"),
              ("failures", "shard1", "bfloat16"), ("gather", "shard1", "float32"), ("hook", "shard0", "float32")]
@@ -352,6 +365,7 @@ def test_two_ranks():
 def test_four_ranks():
     plan = [("method", how, "float32", m, o) for how in ("fsdp2", "shard1") for m, o in METHODS[:5]]
     plan += [("method", "fsdp2", "float32", m, o) for m, o in GRADIENT[::2] + DORA[:1]]
+    plan += [("method", "hsdp", "float32", m, o) for m, o in METHODS[:5] + GRADIENT[:2]]
     plan += [("method", "fsdp2", "bfloat16", m, o) for m, o in METHODS[:5]]
     plan += [("output", "fsdp2", "float32"), ("failures", "shard0", "float32"), ("gather", "fsdp2", "bfloat16")]
     _spawn(4, plan)
