@@ -88,6 +88,8 @@ def _shard(model, how, mesh):
         base = layer.get_base_layer()
         base.weight = torch.nn.Parameter(distribute_tensor(base.weight.data, mesh, [Shard(dim)], src_data_rank=None),
                                          requires_grad=False)
+        for mod in (layer.lora_A["default"], layer.lora_B["default"]):  # adapters as DTensors too, split alike
+            mod.weight = torch.nn.Parameter(distribute_tensor(mod.weight.data, mesh, [Shard(dim)], src_data_rank=None))
     return model
 
 
@@ -352,7 +354,8 @@ METHODS = [("loram", {}), ("loram_dct", {}), ("pissa", {}), ("pissa_niter_2", {}
 
 # data-driven methods run a forward and backward pass: FSDP2 only (a model with plain DTensor weights has no forward)
 GRADIENT = [("lora_one", {"_data": True}), ("lora_one", {"_data": True, "gradient_mode": "sketch"}),
-            ("lora_ga", {"_data": True}), ("lora_ga", {"_data": True, "gradient_mode": "sketch", "solver": "exact"})]
+            ("lora_ga", {"_data": True}), ("lora_ga", {"_data": True, "gradient_mode": "sketch", "solver": "exact"}),
+            ("lora_ga", {"_data": True, "scale": "weight_svd"}), ("lora_one", {"_data": True, "scale": "weightS"})]
 DORA = [("loram", {"_dora": True}), ("pissa", {"_dora": True}), ("olora", {"_dora": True})]
 CONV1D = [("loram", {"_gpt2": True}), ("pissa", {"_gpt2": True}), ("pissa_niter_2", {"_gpt2": True}),
           ("olora", {"_gpt2": True}), ("nlora", {"_gpt2": True, "residual": True}), ("loram", {"_gpt2": True, "_dora": True})]
