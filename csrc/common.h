@@ -44,6 +44,17 @@ inline void check_residual(const at::Tensor& W, int64_t r, int64_t kind) {
               "loram_fast.loram_residual_: need 1 <= r <= min(m, n), got r=", r, " for W ", W.sizes());
 }
 
+inline void check_row_norms(const at::Tensor& W, const at::Tensor& B, const at::Tensor& A, int64_t product,
+                            int64_t promoted) {
+  check_float_weight(W, "lowrank_row_norms");
+  TORCH_CHECK(B.dim() == 2 && A.dim() == 2 && B.size(0) == W.size(0) && A.size(1) == W.size(1) &&
+                  B.size(1) == A.size(0),
+              "loram_fast.lowrank_row_norms: shapes do not chain: W ", W.sizes(), ", B ", B.sizes(), ", A ", A.sizes());
+  TORCH_CHECK(product >= 0 && product <= 2 && promoted >= 0 && promoted <= 2,
+              "loram_fast.lowrank_row_norms: dtype codes must be 0 (fp32), 1 (bf16) or 2 (fp16), got ", product, ", ",
+              promoted);
+}
+
 inline void check_moments(const at::Tensor& W) {
   TORCH_CHECK(W.dim() == 2, "loram_fast.row_moments: W must be 2-D");
 }
@@ -73,4 +84,5 @@ inline UpdateOperands normalise_update(at::Tensor W, const at::Tensor& B, const 
   m.impl("basis_fill_", &basis_fill_);         \
   m.impl("row_moments", &row_moments);         \
   m.impl("lowrank_update_", &lowrank_update_); \
-  m.impl("loram_residual_", &loram_residual_)
+  m.impl("loram_residual_", &loram_residual_); \
+  m.impl("lowrank_row_norms", &lowrank_row_norms)

@@ -22,6 +22,9 @@
 // at most) K comes from the Dirichlet kernels evaluated at exact integer phases instead.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <cmath>
 #include <cstdint>
 
@@ -150,6 +153,25 @@ LORAM_FAST_HD float closed_form_entry(const Terms& row, const Terms& col, int64_
 template <typename T>
 LORAM_FAST_HD T add_scaled(T w, float alpha, float x) {
   return static_cast<T>(static_cast<float>(w) + alpha * x);
+}
+
+// ---- DoRA's row norms -----------------------------------------------------------------------------------------
+
+// Dtype codes of the two steps of peft's DoRA norm: the product B A and its scaling in the adapters' dtype, the sum
+// W + s·(B A) in the promotion of that and W's dtype.
+constexpr int kF32 = 0, kBF16 = 1, kF16 = 2;
+
+LORAM_FAST_HD float round_to_code(float x, int code) {  // x rounded (nearest even) to the code's dtype and back
+  if (code == kBF16) return static_cast<float>(static_cast<c10::BFloat16>(x));
+  if (code == kF16) return static_cast<float>(static_cast<c10::Half>(x));
+  return x;
+}
+
+// One entry of W + alpha·P (P = (B A)_ij accumulated in fp32) as peft forms it: the product rounded to the adapters'
+// dtype (`product`), the scaled product too, the sum to the promoted dtype (`promoted`); fp32 steps round nothing.
+LORAM_FAST_HD float dora_entry(float w, float p, float alpha, int product, int promoted) {
+  const float scaled = round_to_code(alpha * round_to_code(p, product), product);
+  return round_to_code(w + scaled, promoted);
 }
 
 }  // namespace kmath

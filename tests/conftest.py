@@ -130,3 +130,21 @@ def residual_close(got, W0, coef, r, kind, rtol=1e-6):
     ulp = 2.0 ** -23 if got.dtype == torch.float32 else info.eps
     err = (got.double().cpu() - exact).abs()
     return bool((err <= rtol * scale + ulp * exact.abs() + info.tiny * info.eps).all())  # last: subnormal spacing
+
+
+def row_norms_match(w_dtype, ab_dtype, transposed, shape, name, device):
+    """``lowrank_row_norms`` on backend ``name`` against the torch reference (test_ext, test_triton_kernels)."""
+    from loram_fast.ops.norms import lowrank_row_norms
+
+    g = torch.Generator().manual_seed(0)
+    W = (torch.randn(*shape, generator=g) * 0.05).to(w_dtype)
+    B = (torch.randn(shape[0], 6, generator=g) * 0.1).to(ab_dtype)
+    A = (torch.randn(6, shape[1], generator=g) * 0.1).to(ab_dtype)
+    Wd = W.T.contiguous().to(device).T if transposed else W.to(device)
+    got = lowrank_row_norms(Wd, B.to(device), A.to(device), 2.0, backend=name).cpu()
+    expect = lowrank_row_norms(W, B, A, 2.0, backend="torch")
+    assert got.dtype == expect.dtype == torch.promote_types(w_dtype, ab_dtype)
+    if expect.dtype == torch.float32:
+        assert relative_error(got, expect) <= 1e-6
+    else:
+        assert ulp_close(got, expect)

@@ -6,7 +6,7 @@ import torch
 from loram_fast import _ext
 from loram_fast.ops import dst_basis, loram_residual_, lowrank_update_, weight_moments
 
-from conftest import relative_error, require_backend, residual_close, ulp_close
+from conftest import relative_error, require_backend, residual_close, row_norms_match, ulp_close
 
 require_backend("cpu-ext")
 
@@ -69,6 +69,21 @@ def test_lowrank_update(dtype, transposed, shape, backend):
     assert got.dtype == dtype and ulp_close(got.cpu(), expect)
 
 
+ROW_NORM_CASES = [  # (W dtype, adapter dtype): the promoted dtype peft forms W + s·B A in
+    (torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float16), (torch.float16, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("w_dtype,ab_dtype", ROW_NORM_CASES)
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("shape", [(37, 53), (300, 1029)])
+def test_lowrank_row_norms(w_dtype, ab_dtype, transposed, shape, backend):
+    """DoRA's magnitude: every entry formed as peft forms it (in bf16 / fp16: three roundings), the norm within one
+    step of the output dtype (fp32: 1e-6 relative; the order of the sums differs)."""
+    name, device = backend
+    row_norms_match(w_dtype, ab_dtype, transposed, shape, name, device)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["dst1", "dct2"])
 @pytest.mark.parametrize("transposed", [False, True])
@@ -92,6 +107,8 @@ def test_opcheck_every_op(backend):
         (ops.lowrank_update_.default,
          (W.clone(), torch.randn(9, 2, device=device), torch.randn(2, 7, device=device), 0.5)),
         (ops.loram_residual_.default, (W.clone(), 0.5, 3, 0)),
+        (ops.lowrank_row_norms.default,
+         (W, torch.randn(9, 2, device=device), torch.randn(2, 7, device=device), 0.5, 0, 0)),
     ]
     for op, args in checks:
         torch.library.opcheck(op, args)

@@ -3,7 +3,7 @@ on a CUDA machine the same tests run compiled on the GPU."""
 import pytest
 import torch
 
-from conftest import relative_error, require_backend, residual_close, ulp_close
+from conftest import relative_error, require_backend, residual_close, row_norms_match, ulp_close
 
 require_backend("triton")  # conftest.py sets TRITON_INTERPRET=1 on machines without CUDA
 
@@ -65,6 +65,13 @@ def test_loram_residual_closed_form(dtype, kind, transposed):
         got = W0.clone().to(DEVICE)
         loram_residual_(got, 0.7, r, kind, backend="triton")
         assert got.dtype == dtype and residual_close(got.cpu(), W0, 0.7, r, kind), (m, n, r)
+
+
+@pytest.mark.parametrize("w_dtype,ab_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                               (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_lowrank_row_norms(w_dtype, ab_dtype, transposed):
+    row_norms_match(w_dtype, ab_dtype, transposed, (37, 53), "triton", DEVICE)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -383,6 +383,44 @@ void loram_residual_(at::Tensor W, double coef, int64_t r, int64_t kind_) {
   });
 }
 
+// ||W[i, :] + alpha * (B @ A)[i, :]|| per row: the product of a row chunk with BLAS (fp32, at most ~1M entries: a
+// 4 MiB temporary), then one fused pass per row that forms each entry as peft does (kmath::dora_entry) and sums its
+// square in double. W any strides (a Conv1D weight seen as out×in included).
+at::Tensor lowrank_row_norms(const at::Tensor& W, const at::Tensor& B_in, const at::Tensor& A_in, double alpha_,
+                             int64_t product_, int64_t promoted_) {
+  check_row_norms(W, B_in, A_in, product_, promoted_);
+  const int64_t m = W.size(0), n = W.size(1), sm = W.stride(0), sn = W.stride(1);
+  const at::Tensor B = B_in.to(at::kFloat).contiguous(), A = A_in.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({m}, W.options().dtype(at::kFloat));
+  if (m == 0) return out;
+  float* po = out.data_ptr<float>();
+  const float alpha = static_cast<float>(alpha_);
+  const int product = static_cast<int>(product_), promoted = static_cast<int>(promoted_);
+  const int64_t step = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(n, 1));
+  for (int64_t start = 0; start < m; start += step) {
+    const int64_t rows = std::min(step, m - start);
+    const at::Tensor P = at::mm(B.narrow(0, start, rows), A);  // rows×n, contiguous fp32
+    const float* pp = P.data_ptr<float>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W.scalar_type(), "lowrank_row_norms", [&] {
+      const scalar_t* w = W.data_ptr<scalar_t>();
+      const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1));
+      at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const scalar_t* wi = w + (start + i) * sm;
+          const float* pi = pp + i * n;
+          double acc = 0.0;
+          for (int64_t j = 0; j < n; ++j) {
+            const double v = kmath::dora_entry(static_cast<float>(wi[j * sn]), pi[j], alpha, product, promoted);
+            acc += v * v;
+          }
+          po[start + i] = static_cast<float>(std::sqrt(acc));
+        }
+      });
+    });
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(loram_fast, CPU, m) {

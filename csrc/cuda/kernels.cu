@@ -215,6 +215,47 @@ void loram_residual_(at::Tensor W, double coef, int64_t r, int64_t kind_) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// ||W[i, :] + alpha * (B @ A)[i, :]|| per row: one block per row (grid-stride over rows), threads over the columns;
+// each entry's product over the rank in fp32 (B's row broadcast, A's rows coalesced in j), formed as peft does
+// (kmath::dora_entry), squares summed in fp32 lanes and combined in double.
+template <typename scalar_t>
+__global__ void lowrank_row_norms_kernel(const scalar_t* __restrict__ w, int64_t m, int64_t n, int64_t sm, int64_t sn,
+                                         const float* __restrict__ B, const float* __restrict__ A, int64_t r,
+                                         float alpha, int product, int promoted, float* __restrict__ out) {
+  __shared__ double shared[32];
+  for (int64_t i = blockIdx.x; i < m; i += gridDim.x) {
+    const scalar_t* row = w + i * sm;
+    const float* bi = B + i * r;
+    float q = 0.f;
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+      float p = 0.f;
+      for (int64_t k = 0; k < r; ++k) p = fmaf(bi[k], A[k * n + j], p);
+      const float v = kmath::dora_entry(static_cast<float>(row[j * sn]), p, alpha, product, promoted);
+      q = fmaf(v, v, q);
+    }
+    const double total = block_sum(static_cast<double>(q), shared);
+    if (threadIdx.x == 0) out[i] = static_cast<float>(sqrt(total));
+  }
+}
+
+at::Tensor lowrank_row_norms(const at::Tensor& W, const at::Tensor& B_in, const at::Tensor& A_in, double alpha,
+                             int64_t product, int64_t promoted) {
+  check_row_norms(W, B_in, A_in, product, promoted);
+  const c10::cuda::CUDAGuard guard(W.device());
+  const int64_t m = W.size(0), n = W.size(1), r = B_in.size(1);
+  const at::Tensor B = B_in.to(W.device(), at::kFloat).contiguous(), A = A_in.to(W.device(), at::kFloat).contiguous();
+  at::Tensor out = at::empty({m}, W.options().dtype(at::kFloat));
+  if (m == 0) return out;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W.scalar_type(), "lowrank_row_norms", [&] {
+    lowrank_row_norms_kernel<scalar_t><<<static_cast<unsigned>(std::min<int64_t>(m, 1 << 20)), 256, 0, stream>>>(
+        W.data_ptr<scalar_t>(), m, n, W.stride(0), W.stride(1), B.data_ptr<float>(), A.data_ptr<float>(), r,
+        static_cast<float>(alpha), static_cast<int>(product), static_cast<int>(promoted), out.data_ptr<float>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(loram_fast, CUDA, m) {

@@ -3,7 +3,10 @@
 ``lowrank_row_norms(W, B, A, alpha)`` = ``‖W[i, :] + alpha · (B @ A)[i, :]‖₂`` for every row i, W m×n (any float
 dtype, any strides), B m×r, A r×n: what peft's ``DoraLinearLayer.get_weight_norm`` computes, with the sum formed in
 the promoted dtype of ``W`` and ``B @ A`` as peft forms it, over row chunks (never an m×n temporary of the whole
-weight). Backends: ``torch`` (this reference; the op has no compiled kernel yet).
+weight). Backends: ``torch`` (this reference), ``cpu-ext`` (the product of a row chunk with BLAS, then one fused
+pass per row), ``cuda`` (one block per row, the product over the rank per entry) and ``triton``: each forms an
+entry with ``kmath::dora_entry`` of csrc/kernel_math.h (peft's roundings: the product and the scaled product to the
+adapters' dtype, the sum to the promoted dtype) and sums the squares in fp32 or better.
 """
 from __future__ import annotations
 
@@ -25,6 +28,44 @@ def lowrank_row_norms_reference(W: torch.Tensor, B: torch.Tensor, A: torch.Tenso
         rows = W[start:start + step] + alpha * (B[start:start + step] @ A)
         out[start:start + step] = torch.linalg.norm(rows, dim=1).to(out_dtype)
     return out
+
+
+# the dtypes of peft's two steps → the kernels' codes (kmath::kF32, kBF16, kF16)
+_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _codes(W, B, A):
+    """(product dtype, promoted dtype) of peft's ``W + s·(B @ A)``, or None where the kernels do not apply."""
+    product = torch.promote_types(B.dtype, A.dtype)
+    promoted = torch.promote_types(W.dtype, product)
+    return (product, promoted) if product in _CODES and promoted in _CODES else None
+
+
+@dispatch.register("lowrank_row_norms", "cpu-ext", "cuda")
+def lowrank_row_norms_native(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, alpha: float) -> torch.Tensor:
+    codes = _codes(W, B, A)
+    if codes is None:  # e.g. fp64 adapters: the reference's own arithmetic
+        return lowrank_row_norms_reference(W, B, A, alpha)
+    return torch.ops.loram_fast.lowrank_row_norms(W, B, A, float(alpha), _CODES[codes[0]],
+                                                  _CODES[codes[1]]).to(codes[1])
+
+
+def lowrank_row_norms_triton(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, alpha: float) -> torch.Tensor:
+    from loram_fast.triton_kernels.norms import lowrank_row_norms as kernel
+
+    codes = _codes(W, B, A)
+    if codes is None:
+        return lowrank_row_norms_reference(W, B, A, alpha)
+    return kernel(W, B, A, alpha, _CODES[codes[0]], _CODES[codes[1]]).to(codes[1])
+
+
+dispatch.register("lowrank_row_norms", "triton")(lowrank_row_norms_triton)
+
+
+@dispatch.on_native_load
+def _fake() -> None:
+    torch.library.register_fake("loram_fast::lowrank_row_norms")(
+        lambda W, B, A, alpha, product, promoted: W.new_empty(W.shape[0], dtype=torch.float32))
 
 
 def lowrank_row_norms(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, alpha: float, *, backend=None) -> torch.Tensor:
