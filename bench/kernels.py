@@ -1,11 +1,12 @@
 """Memory-bound kernels per backend: GB/s next to a same-run ``copy_`` baseline, and the LoRAM layer init's peak
 extra memory.
 
-    python bench/kernels.py [--quick] [--device cpu|cuda]
+    python bench/kernels.py [--quick] [--device cpu|cuda] [--only SUBSTRING]
 
 Ops: ``weight_moments`` (reads W once), ``loram_residual_`` at r = 16 and 256 (reads and writes W once; closed
-form, O(1) work per entry, on the compiled and Triton backends; the rank-r product on torch), the whole LoRAM layer init (moments + residual: the floor is one read plus one read/write of W), and the
-LoRAM reference code path. GB/s counts the bytes the op must move (its floor); ``copy_`` moves 2× the weight.
+form, O(1) work per entry, on the compiled and Triton backends; the rank-r product on torch), ``lowrank_row_norms``
+at r = 16 (DoRA's magnitude: reads W once), the whole LoRAM layer init (moments + residual: the floor is one read
+plus one read/write of W), and the LoRAM reference code path. GB/s counts the bytes the op must move (its floor); ``copy_`` moves 2× the weight.
 Peak extra memory: a subprocess per provider, max RSS (CPU) or max allocated (GPU) above the weight itself.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from common import heading, machine_info, measure, measure_interleaved, publish 
 
 from loram_fast.methods.loram import loram_init, loram_reference  # noqa: E402
 from loram_fast.ops import apply_residual, backends, loram_residual_, weight_moments  # noqa: E402
+from loram_fast.ops.norms import lowrank_row_norms  # noqa: E402
 
 
 def _layer_init(W, backend):
@@ -67,6 +69,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--only", default="", help="run only the ops whose name contains this (own report file)")
     args = p.parse_args(argv)
     dev = args.device
     shapes = [(4096, 4096), (11008, 4096)] if dev == "cuda" else ([(1024, 2752)] if args.quick else [(2048, 2048), (4096, 4096)])
@@ -77,6 +80,7 @@ def main(argv=None):
     for m, n in shapes:
         for dtype in (torch.float32, torch.bfloat16):
             W = torch.randn(m, n, device=dev).to(dtype)
+            B16, A16 = torch.randn(m, 16, device=dev) * 0.01, torch.randn(16, n, device=dev) * 0.01  # fp32 adapters
             nbytes = W.numel() * W.element_size()
             dst = torch.empty_like(W)
             t = measure(lambda: dst.copy_(W), device=dev, reps=10)
@@ -91,14 +95,17 @@ def main(argv=None):
             ops_ = [("weight_moments", lambda b: lambda: weight_moments(W, backend=b), 1, 10),
                     ("loram_residual_ r=16", lambda b: lambda: loram_residual_(W, 1e-3, 16, backend=b), 2, 10),
                     ("loram_residual_ r=256", lambda b: lambda: loram_residual_(W, 1e-3, 256, backend=b), 2, 5),
+                    ("lowrank_row_norms r=16", lambda b: lambda: lowrank_row_norms(W, B16, A16, 2.0, backend=b), 1, 10),
                     ("LoRAM layer init", lambda b: lambda: _layer_init(W, b), 3, 5)]
-            for op, make, passes, reps in ops_:
+            for op, make, passes, reps in [o for o in ops_ if args.only in o[0]]:
                 timed = measure_interleaved({b: make(b) for b in provs}, device=dev, reps=reps)
                 for b, t in timed.items():
                     extra = f"{passes * nbytes / t['median_s'] / 1e9:.1f} GB/s"
                     if op == "LoRAM layer init":
                         extra += f"; peak extra {peak_extra_mib(b, (m, n), str(dtype).split('.')[-1], dev):.0f} MiB"
                     rows.append({**common, "provider": f"{op} [{b}]", **t, "extra": extra})
+            if args.only and args.only not in "LoRAM reference code path":
+                continue
             t = measure(lambda: loram_reference(W, 16, 2.0), device=dev, reps=3)
             rows.append({**common, "provider": "LoRAM reference code path", **t,
                          "extra": f"peak extra {peak_extra_mib('reference', (m, n), str(dtype).split('.')[-1], dev):.0f} MiB"})
@@ -109,7 +116,8 @@ def main(argv=None):
     header = heading("Memory-bound kernels", info,
                      "GB/s = the bytes the op must move / time; ratio = reference code path time / our layer init "
                      "time (higher is faster). Peak extra memory: above the weight, one process per measurement.")
-    publish(rows, f"kernels_{dev}", ["provider", "shape", "dtype", "median_s", "ratio", "extra"], header)
+    name = f"kernels_{dev}" + (f"_{args.only.replace(' ', '_')}" if args.only else "")
+    publish(rows, name, ["provider", "shape", "dtype", "median_s", "ratio", "extra"], header)
 
 
 if __name__ == "__main__":

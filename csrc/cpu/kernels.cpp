@@ -383,9 +383,69 @@ void loram_residual_(at::Tensor W, double coef, int64_t r, int64_t kind_) {
   });
 }
 
+// Σ_j (x_j + a·p_j)² over a contiguous fp32 / bf16 row, the sum formed in fp32 (DoRA's norm when the adapters are
+// fp32): sixteen float lanes flushed into double every kFlush entries.
+#define LORAM_FAST_DORA_SQ_BODY(LOAD8, SCALAR)                                       \
+  double total = 0.0;                                                                \
+  const f32x8 av = {a, a, a, a, a, a, a, a};                                         \
+  for (int64_t start = 0; start < n; start += kFlush) {                              \
+    const int64_t stop = std::min(n, start + kFlush);                                \
+    f32x8 q0 = {}, q1 = {};                                                          \
+    int64_t j = start;                                                               \
+    for (; j + 16 <= stop; j += 16) {                                                \
+      f32x8 w0, w1, p0, p1;                                                          \
+      LOAD8(w0, x + j);                                                              \
+      LOAD8(w1, x + j + 8);                                                          \
+      std::memcpy(&p0, p + j, 32);                                                   \
+      std::memcpy(&p1, p + j + 8, 32);                                               \
+      const f32x8 v0 = w0 + av * p0, v1 = w1 + av * p1;                              \
+      q0 += v0 * v0;                                                                 \
+      q1 += v1 * v1;                                                                 \
+    }                                                                                \
+    double part = 0.0;                                                               \
+    for (; j < stop; ++j) {                                                          \
+      const float v = SCALAR(x[j]) + a * p[j];                                       \
+      part += static_cast<double>(v) * v;                                            \
+    }                                                                                \
+    const f32x8 q = q0 + q1;                                                         \
+    for (int l = 0; l < 8; ++l) part += q[l];                                        \
+    total += part;                                                                   \
+  }                                                                                  \
+  return total;
+
+LORAM_FAST_CLONES double dora_sq_f32(const float* x, const float* p, int64_t n, float a) {
+  LORAM_FAST_DORA_SQ_BODY(LORAM_FAST_LOAD8_F32, f32_of)
+}
+
+LORAM_FAST_CLONES double dora_sq_bf16(const uint16_t* x, const float* p, int64_t n, float a) {
+  LORAM_FAST_DORA_SQ_BODY(LORAM_FAST_LOAD8_BF16, bf16_bits_to_float)
+}
+
+// Any dtype, stride and promotion: kmath::dora_entry per entry, squares summed in double.
+template <typename scalar_t>
+double dora_sq_generic(const scalar_t* x, int64_t stride, const float* p, int64_t n, float a, int product,
+                       int promoted) {
+  double acc = 0.0;
+  for (int64_t j = 0; j < n; ++j) {
+    const double v = kmath::dora_entry(static_cast<float>(x[j * stride]), p[j], a, product, promoted);
+    acc += v * v;
+  }
+  return acc;
+}
+
+template <typename scalar_t>
+inline double dora_sq(const scalar_t* x, int64_t stride, const float* p, int64_t n, float a, int product,
+                      int promoted) {
+  if (stride == 1 && product == kmath::kF32 && promoted == kmath::kF32) {
+    if (std::is_same<scalar_t, float>::value) return dora_sq_f32(reinterpret_cast<const float*>(x), p, n, a);
+    if (std::is_same<scalar_t, at::BFloat16>::value) return dora_sq_bf16(reinterpret_cast<const uint16_t*>(x), p, n, a);
+  }
+  return dora_sq_generic(x, stride, p, n, a, product, promoted);
+}
+
 // ||W[i, :] + alpha * (B @ A)[i, :]|| per row: the product of a row chunk with BLAS (fp32, at most ~1M entries: a
-// 4 MiB temporary), then one fused pass per row that forms each entry as peft does (kmath::dora_entry) and sums its
-// square in double. W any strides (a Conv1D weight seen as out×in included).
+// 4 MiB temporary), then one fused pass per row that forms each entry as peft does (kmath::dora_entry; vectorised for
+// contiguous fp32 / bf16 rows with fp32 adapters) and sums its square. W any strides (Conv1D views included).
 at::Tensor lowrank_row_norms(const at::Tensor& W, const at::Tensor& B_in, const at::Tensor& A_in, double alpha_,
                              int64_t product_, int64_t promoted_) {
   check_row_norms(W, B_in, A_in, product_, promoted_);
@@ -406,14 +466,8 @@ at::Tensor lowrank_row_norms(const at::Tensor& W, const at::Tensor& B_in, const 
       const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1));
       at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
-          const scalar_t* wi = w + (start + i) * sm;
-          const float* pi = pp + i * n;
-          double acc = 0.0;
-          for (int64_t j = 0; j < n; ++j) {
-            const double v = kmath::dora_entry(static_cast<float>(wi[j * sn]), pi[j], alpha, product, promoted);
-            acc += v * v;
-          }
-          po[start + i] = static_cast<float>(std::sqrt(acc));
+          po[start + i] = static_cast<float>(std::sqrt(dora_sq(w + (start + i) * sm, sn, pp + i * n, n, alpha,
+                                                               product, promoted)));
         }
       });
     });
