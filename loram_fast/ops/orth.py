@@ -11,16 +11,25 @@ from .threads import small_op
 _MAX_GRAM_COND = 1e12
 
 
-def _orth_once(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One CholeskyQR pass: ``Y = Q R`` with ``R = chol(YᵀY)ᵀ``; returns (Q fp32, ok mask over the batch)."""
-    Yd = Y.double()
+def cholesky_pass(Yd: torch.Tensor, reduce=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One CholeskyQR pass in fp64 on Yd (..., m, k): ``Yd = Q R`` with ``R = chol(YdᵀYd)ᵀ``; returns (Q fp64, R, ok
+    mask over the batch; where not ok, R is the identity). ``reduce``: applied to the Gram matrix before its
+    Cholesky factor (a sum over the ranks holding Yd's rows, for a sharded panel)."""
     gram = Yd.transpose(-1, -2) @ Yd
+    if reduce is not None:
+        gram = reduce(gram)
     L, info = torch.linalg.cholesky_ex(gram)
     diag = torch.diagonal(L, dim1=-2, dim2=-1).abs()
     cond2 = (diag.amax(-1) / diag.amin(-1).clamp_min(1e-300)) ** 2
     ok = (info == 0) & torch.isfinite(cond2) & (cond2 < _MAX_GRAM_COND)
     L = torch.where(ok[..., None, None], L, torch.eye(L.shape[-1], dtype=L.dtype, device=L.device))
     Q = torch.linalg.solve_triangular(L.transpose(-1, -2), Yd, upper=True, left=False)
+    return Q, L.transpose(-1, -2), ok
+
+
+def _orth_once(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One CholeskyQR pass: (Q fp32, ok mask over the batch)."""
+    Q, _, ok = cholesky_pass(Y.double())
     return Q.float(), ok
 
 
