@@ -20,7 +20,6 @@ together and none waits in a collective the others left.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -28,14 +27,12 @@ import torch
 
 from .matmul import gaussian_sketch, matmul_f32
 from .moments import Moments, weight_moments
-from .orth import orthonormalize
+from .orth import cholesky_pass, orthonormalize
 from .threads import small_op
 
 # payload bytes and calls of every collective made here, and the bytes of the all-gathers among them (reset and
 # read by benchmarks and tests)
 COUNTER = {"bytes": 0, "calls": 0, "gathered": 0}
-# squared condition number of a Gram factor above which distributed CholeskyQR is not trusted (as ops/orth.py)
-_MAX_GRAM_COND = 1e12
 
 
 def _dist():
@@ -44,10 +41,16 @@ def _dist():
     return dist
 
 
+def _count(nbytes: int, gathered: bool = False) -> None:
+    COUNTER["bytes"] += nbytes
+    COUNTER["calls"] += 1
+    if gathered:
+        COUNTER["gathered"] += nbytes
+
+
 def all_reduce(t: torch.Tensor, group) -> torch.Tensor:
     """Sum ``t`` over ``group`` in place (and return it)."""
-    COUNTER["bytes"] += t.numel() * t.element_size()
-    COUNTER["calls"] += 1
+    _count(t.numel() * t.element_size())
     _dist().all_reduce(t, group=group)
     return t
 
@@ -55,8 +58,7 @@ def all_reduce(t: torch.Tensor, group) -> torch.Tensor:
 def all_max(t: torch.Tensor, group) -> torch.Tensor:
     """Element-wise maximum of ``t`` over ``group``, in place (and return it)."""
     dist = _dist()
-    COUNTER["bytes"] += t.numel() * t.element_size()
-    COUNTER["calls"] += 1
+    _count(t.numel() * t.element_size())
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return t
 
@@ -89,9 +91,7 @@ class Sharding:
         padded = local.new_zeros((chunk, *local.shape[1:]))
         padded[:local.shape[0]] = local
         parts = [torch.empty_like(padded) for _ in sizes]
-        COUNTER["bytes"] += padded.numel() * padded.element_size() * self.world
-        COUNTER["gathered"] += padded.numel() * padded.element_size() * self.world
-        COUNTER["calls"] += 1
+        _count(padded.numel() * padded.element_size() * self.world, gathered=True)
         _dist().all_gather(parts, padded.contiguous(), group=self.group)
         return torch.cat([p[:s] for p, s in zip(parts, sizes)])
 
@@ -222,15 +222,11 @@ class MatrixOperator:
         if sh.length <= 2 * q:  # a short panel: Householder on the whole of it
             return self._gathered_qr(Y)
         Q, R = Y.double(), None
-        for _ in range(2):  # CholeskyQR2
-            gram = all_reduce(Q.mT @ Q, sh.group)
-            L, info = torch.linalg.cholesky_ex(gram)
-            diag = torch.diagonal(L).abs()
-            cond2 = float((diag.max() / diag.min().clamp_min(1e-300)) ** 2) if diag.numel() else 1.0
-            if int(info) != 0 or not math.isfinite(cond2) or cond2 >= _MAX_GRAM_COND:
+        for _ in range(2):  # CholeskyQR2 on the Gram matrix summed over the ranks
+            Q, Rk, ok = cholesky_pass(Q, reduce=lambda gram: all_reduce(gram, sh.group))
+            if not bool(ok):
                 return self._gathered_qr(Y)  # the same Gram matrix on every rank: all take this branch together
-            Q = torch.linalg.solve_triangular(L.mT, Q, upper=True, left=False)
-            R = L.mT if R is None else L.mT @ R
+            R = Rk if R is None else Rk @ R
         signs = self._householder_signs(Q)
         return (Q * signs).float(), (signs[:, None] * R).float()
 
@@ -282,9 +278,9 @@ class MatrixOperator:
         mom = weight_moments(self.local, backend=self.backend)
         if self.sharding is None:
             return mom
-        totals = all_reduce(torch.stack([mom.sum.double().cpu(), mom.sumsq.double().cpu(),
-                                         torch.tensor(float(mom.count), dtype=torch.float64)]).to(self.device),
-                            self.sharding.group)
+        count = torch.tensor(float(mom.count), dtype=torch.float64, device=self.device)
+        totals = all_reduce(torch.stack([mom.sum.to(self.device, torch.float64), mom.sumsq.to(self.device, torch.float64),
+                                         count]), self.sharding.group)
         return Moments(int(totals[2].item()), totals[0], totals[1])
 
     def block(self, rows: tuple[int, int], cols: tuple[int, int]) -> torch.Tensor:
