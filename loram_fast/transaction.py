@@ -247,12 +247,6 @@ class Transaction:
         new = value.to(target.weight.dtype).to(device=param.device, dtype=param.dtype).reshape(param.shape)
         if new.data_ptr() == value.data_ptr() and not owned:
             new = new.clone()
-        if is_dtensor(param):  # a DTensor (FSDP2, distribute_tensor): this rank's piece, in place
-            data = local_tensor(param.data)
-            old = data.clone()
-            self._will(lambda: data.copy_(old))
-            data.copy_(local_part(new, param))
-            return
         data = param.data
         owns_storage = (type(data) is torch.Tensor and data._base is None and data.is_contiguous()
                         and data.untyped_storage().nbytes() == data.numel() * data.element_size())
@@ -261,10 +255,12 @@ class Transaction:
             self._will(lambda: setattr(param, "data", data))
             param.data = new.contiguous()
         else:
-            # a view into a larger buffer (a flat parameter, a shared storage) is written in place
-            old = data.clone()
-            self._will(lambda: param.data.copy_(old))
-            param.data.copy_(new)
+            # a view into a larger buffer (a flat parameter, a shared storage) or a DTensor (FSDP2, distribute_tensor:
+            # this rank's piece of ``new``) is written in place
+            local = local_tensor(data)
+            old = local.clone()
+            self._will(lambda: local.copy_(old))
+            local.copy_(local_part(new, param))
 
     def _set_middle(self, layer, wanted: bool) -> None:
         """Create (or remove) ``lora_N[adapter]`` and the middle-matrix variant, with undo."""
