@@ -41,22 +41,24 @@ def _codes(W, B, A):
     return (product, promoted) if product in _CODES and promoted in _CODES else None
 
 
+def _with_codes(kernel, W, B, A, alpha) -> torch.Tensor:
+    """``kernel(W, B, A, alpha, product code, promoted code)`` in the promoted dtype; dtypes the kernels do not
+    cover (e.g. fp64 adapters) take the reference's own arithmetic."""
+    codes = _codes(W, B, A)
+    if codes is None:
+        return lowrank_row_norms_reference(W, B, A, alpha)
+    return kernel(W, B, A, float(alpha), _CODES[codes[0]], _CODES[codes[1]]).to(codes[1])
+
+
 @dispatch.register("lowrank_row_norms", "cpu-ext", "cuda")
 def lowrank_row_norms_native(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, alpha: float) -> torch.Tensor:
-    codes = _codes(W, B, A)
-    if codes is None:  # e.g. fp64 adapters: the reference's own arithmetic
-        return lowrank_row_norms_reference(W, B, A, alpha)
-    return torch.ops.loram_fast.lowrank_row_norms(W, B, A, float(alpha), _CODES[codes[0]],
-                                                  _CODES[codes[1]]).to(codes[1])
+    return _with_codes(torch.ops.loram_fast.lowrank_row_norms, W, B, A, alpha)
 
 
 def lowrank_row_norms_triton(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, alpha: float) -> torch.Tensor:
     from loram_fast.triton_kernels.norms import lowrank_row_norms as kernel
 
-    codes = _codes(W, B, A)
-    if codes is None:
-        return lowrank_row_norms_reference(W, B, A, alpha)
-    return kernel(W, B, A, alpha, _CODES[codes[0]], _CODES[codes[1]]).to(codes[1])
+    return _with_codes(kernel, W, B, A, alpha)
 
 
 dispatch.register("lowrank_row_norms", "triton")(lowrank_row_norms_triton)
