@@ -66,11 +66,12 @@ def compute_sharded(method: Method, t: LoraTarget, options: dict, backend, bases
     ``gather``, the one-process form on the whole weight gathered on every rank. Every rank gets whole A, B (and
     middle); they must agree across ranks (a random init needs the same seed on every rank), else ``ValueError``."""
     op = MatrixOperator(t.weight_view(), t.shape, t.sharding, backend)
+    sharded = method.init_sharded is not None and not gather
     grad = options.get("grad")
     if isinstance(grad, torch.Tensor):  # this rank's block of a gradient sharded like the weight (FSDP2)
         grad = MatrixOperator(grad, t.shape, t.sharding, backend)
-        options = {**options, "grad": grad if method.init_sharded is not None and not gather else grad.whole()}
-    if method.init_sharded is not None and not gather:
+        options = {**options, "grad": grad if sharded else grad.whole()}
+    if sharded:
         init = method.init_sharded(op, t.r, t.scaling, backend=backend, bases=bases, **options)
     else:
         init = method.init(op.whole(), t.r, t.scaling, backend=backend, bases=bases, **options)
