@@ -115,7 +115,7 @@ def _run(model, dataloader, loss_fn, train_step, max_batches, progress=None) -> 
             loss = loss_fn(model, batch) if loss_fn is not None else model(**batch).loss
         except RuntimeError as exc:
             if "Inference tensors" in str(exc):
-                raise RuntimeError("loram_fast: batch {n} holds tensors made under torch.inference_mode(), which "
+                raise RuntimeError(f"loram_fast: batch {n} holds tensors made under torch.inference_mode(), which "
                                    "autograd cannot use; create the batches outside inference_mode") from exc
             raise
         if loss is None or not isinstance(loss, torch.Tensor) or loss.dim() != 0:
