@@ -148,3 +148,13 @@ def row_norms_match(w_dtype, ab_dtype, transposed, shape, name, device):
         assert relative_error(got, expect) <= 1e-6
     else:
         assert ulp_close(got, expect)
+
+
+def lm_batches(count, *, vocab, length, seed):
+    """``count`` language-model batches of 2 random sequences: ``{"input_ids": ids, "labels": ids}``."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        ids = torch.randint(0, vocab, (2, length), generator=g)
+        out.append({"input_ids": ids, "labels": ids})
+    return out

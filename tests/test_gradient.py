@@ -8,19 +8,14 @@ from peft import LoraConfig, get_peft_model
 
 import loram_fast
 
-from conftest import logits, relative_error
+from conftest import lm_batches, logits, relative_error
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
 @pytest.fixture(scope="module")
 def batches():
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(3):
-        t = torch.randint(0, 128, (2, 10), generator=g)
-        out.append({"input_ids": t, "labels": t})
-    return out
+    return lm_batches(3, vocab=128, length=10, seed=0)
 
 
 def _reference_grads(base, batches):

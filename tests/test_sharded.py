@@ -15,6 +15,8 @@ import tempfile
 import pytest
 import torch
 
+from conftest import lm_batches
+
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available in this torch build", allow_module_level=True)
@@ -24,23 +26,24 @@ TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
 def _batches():
     """The same two batches on every rank (so the data-parallel mean equals one process's mean)."""
-    g = torch.Generator().manual_seed(5)
-    out = []
-    for _ in range(2):
-        ids = torch.randint(0, 64, (2, 8), generator=g)
-        out.append({"input_ids": ids, "labels": ids})
-    return out
+    return lm_batches(2, vocab=64, length=8, seed=5)
+
+
+def _llama(dtype, layers=2, seed=0):
+    """The tiny Llama base (hidden 60, MLP 90: uneven shards over 4 ranks)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=60, intermediate_size=90, num_hidden_layers=layers, num_attention_heads=4,
+                      head_dim=16, num_key_value_heads=2, vocab_size=64, max_position_embeddings=32)
+    return LlamaForCausalLM(cfg).to(dtype)
 
 
 def _model(dtype, seed=0, dora=False):
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=60, intermediate_size=90, num_hidden_layers=2, num_attention_heads=4, head_dim=16,
-                      num_key_value_heads=2, vocab_size=64, max_position_embeddings=32)
-    base = LlamaForCausalLM(cfg).to(dtype)
-    return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=dora))
+    return get_peft_model(_llama(dtype, seed=seed), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+                                                              use_dora=dora))
 
 
 def _gpt2(dtype, seed=0, dora=False):
@@ -286,15 +289,11 @@ def _check_hook(mesh, dtype):
     """LoraConfig(init_lora_weights="loram") through the hook on a model whose base weights are already sharded."""
     from peft import LoraConfig, get_peft_model
     from torch.distributed.tensor import Shard, distribute_tensor
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     importlib.import_module("loram_fast")  # installs the hook
 
     def build(shard):
-        torch.manual_seed(0)
-        cfg = LlamaConfig(hidden_size=60, intermediate_size=90, num_hidden_layers=1, num_attention_heads=4, head_dim=16,
-                          num_key_value_heads=2, vocab_size=64, max_position_embeddings=32)
-        base = LlamaForCausalLM(cfg).to(dtype)
+        base = _llama(dtype, layers=1)
         if shard:
             for layer in base.model.layers:
                 for lin in (layer.self_attn.q_proj, layer.mlp.down_proj):
