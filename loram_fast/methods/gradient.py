@@ -33,14 +33,19 @@ LORA_GA_SCALES = ("stable", "weight_svd", "gd_scale", "unit")
 
 def top_svd(M: torch.Tensor, k: int, *, solver: str, niter: int = 4, q: int | None = None, backend=None):
     """Top-k (U, S, Vh) of M (m×n, fp32) with the named solver:
-    "exact" (torch.linalg.svd), "rsvd" (loram_fast.randomized_svd), "svd_lowrank" (torch's, with q, as the references)."""
+    "exact" (torch.linalg.svd; pairs signed canonically), "rsvd" (loram_fast.randomized_svd), "svd_lowrank" (torch's,
+    with q, as the references). M may also be a sketched gradient or a sharded matrix (a ``MatrixOperator``)."""
     if solver not in SOLVERS:
         raise ValueError(f"loram_fast: unknown solver {solver!r}; valid: {SOLVERS}")
+    U, S, Vh = _top_svd_any(M, k, solver=solver, niter=niter, q=q, backend=backend)
+    return _canonical_signs(U, S, Vh) if solver == "exact" else (U, S, Vh)
+
+
+def _top_svd_any(M, k: int, *, solver: str, niter: int, q: int | None, backend):
     if hasattr(M, "left"):  # a sketched gradient Q @ R with orthonormal Q: SVD of the small factor
         Ur, S, Vh = torch.linalg.svd(M.right.float(), full_matrices=False)
         k = min(k, S.shape[0])
-        U, S, Vh = (M.left @ Ur)[:, :k], S[:k], Vh[:k]
-        return _canonical_signs(U, S, Vh) if solver == "exact" else (U, S, Vh)
+        return (M.left @ Ur)[:, :k], S[:k], Vh[:k]
     if isinstance(M, MatrixOperator):
         return _top_svd_sharded(M, k, solver=solver, niter=niter, q=q)
     if not bool(torch.isfinite(M).all()):
@@ -48,7 +53,7 @@ def top_svd(M: torch.Tensor, k: int, *, solver: str, niter: int = 4, q: int | No
     kmax = min(M.shape)
     k = min(k, kmax)
     if solver == "exact":
-        U, S, Vh = _canonical_signs(*torch.linalg.svd(M.float(), full_matrices=False))
+        U, S, Vh = torch.linalg.svd(M.float(), full_matrices=False)
     elif solver == "rsvd":
         U, S, Vh = randomized_svd(M, k, niter=niter, backend=backend)
     else:
@@ -58,7 +63,7 @@ def top_svd(M: torch.Tensor, k: int, *, solver: str, niter: int = 4, q: int | No
 
 
 def _top_svd_sharded(M: MatrixOperator, k: int, *, solver: str, niter: int, q: int | None):
-    """:func:`top_svd` of a matrix split across ranks (a sharded gradient or weight), whole on every rank:
+    """The top-k SVD of a matrix split across ranks (a sharded gradient or weight), whole on every rank:
     "exact" the sharded subspace iteration, "rsvd" our sharded randomized SVD, "svd_lowrank" torch's algorithm on
     the sharded products (the same Gaussian draw from torch's global generator, on the taller orientation)."""
     k = min(k, *M.shape)
@@ -69,8 +74,7 @@ def _top_svd_sharded(M: MatrixOperator, k: int, *, solver: str, niter: int, q: i
     else:
         U, S, Vh = svd_lowrank_sharded(M, min(q or k, *M.shape), niter=niter)
     U, S, Vh = U[..., :k], S[:k], Vh[:k]
-    U, Vh = M.gather(U, "m"), M.gather(Vh.mT, "n").mT
-    return _canonical_signs(U, S, Vh) if solver == "exact" else (U, S, Vh)
+    return M.gather(U, "m"), S, M.gather(Vh.mT, "n").mT
 
 
 def _canonical_signs(U, S, Vh):
