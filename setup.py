@@ -76,7 +76,9 @@ setup(
         "ninja",  # the build of the C++ extension on first use, when it was not built at install
         "triton; platform_system == 'Linux'",
     ],
-    extras_require={"test": ["pytest"], "bench": ["matplotlib"]},
+    # bitsandbytes: the reference that tests/test_loftq.py checks the NF4 / int8 quantisers against (its CPU
+    # implementation); the library itself never imports it
+    extras_require={"test": ["pytest", "bitsandbytes>=0.50,<0.51"], "bench": ["matplotlib"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

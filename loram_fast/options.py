@@ -64,6 +64,15 @@ def choice(*values) -> Validator:
     return check
 
 
+def int_choice(*values: int) -> Validator:
+    def check(name, value):
+        if isinstance(value, bool) or not isinstance(value, int) or value not in values:
+            raise ValueError(f"{_where(name)}{value!r}: valid values are {', '.join(map(repr, values))}")
+        return value
+
+    return check
+
+
 def callable_() -> Validator:
     def check(name, value):
         if not callable(value):

@@ -29,9 +29,10 @@ def installed() -> bool:
 def install(take_over_peft_inits: bool = False) -> None:
     """Patch ``peft.tuners.lora.LoraLayer.reset_lora_parameters`` (idempotent).
 
-    ``take_over_peft_inits=True`` also routes peft's own ``"pissa"``, ``"pissa_niter_N"``, ``"olora"``, ``"mica"``
-    and ``"orthogonal"`` through loram_fast (same results; exact PiSSA without a full SVD, our randomized SVD with
-    oversampling, panel QR; MiCA and orthogonal as peft computes them, in one transaction). Off by
+    ``take_over_peft_inits=True`` also routes peft's own ``"pissa"``, ``"pissa_niter_N"``, ``"olora"``, ``"mica"``,
+    ``"orthogonal"`` and ``"loftq"`` through loram_fast (same results; exact PiSSA without a full SVD, our randomized
+    SVD with oversampling, panel QR; MiCA and orthogonal as peft computes them; LoftQ on any device with
+    bitsandbytes' quantisers, no bitsandbytes needed; in one transaction). Off by
     default: peft's own methods stay peft's. Quantized (bitsandbytes) weights still go to peft's code."""
     from peft.tuners.lora import LoraLayer
     from peft.tuners.tuners_utils import BaseTuner
@@ -162,7 +163,9 @@ def _take_over(LoraLayer) -> None:
                 weight = self.get_base_layer().weight
                 if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16) or weight.device.type == "meta":
                     return original(self, adapter_name, *args, **kwargs)
-                return init_layer(self, adapter_name, method_of(*args))
+                method = method_of(*args)  # a name, or (name, options)
+                name, options = method if isinstance(method, tuple) else (method, {})
+                return init_layer(self, adapter_name, name, **options)
 
             return wrapper
 
@@ -174,6 +177,9 @@ def _take_over(LoraLayer) -> None:
     route("olora_init", lambda: "olora")
     route("mica_init", lambda: "mica")
     route("orthogonal_init", lambda: "orthogonal")
+    # peft's embedding and conv layers call loftq_init without the config (and fail there); ours names the layer kind
+    route("loftq_init", lambda config=None: ("loftq", {} if config is None else {
+        "loftq_config": dict(config.loftq_config)}))
 
 
 def uninstall() -> None:
@@ -184,6 +190,7 @@ def uninstall() -> None:
     from .peft_variant import uninstall_delta_weight
 
     for owner, attr in ((LoraLayer, "reset_lora_parameters"), (LoraLayer, "pissa_init"), (LoraLayer, "olora_init"),
-                        (LoraLayer, "mica_init"), (LoraLayer, "orthogonal_init"), (BaseTuner, "inject_adapter")):
+                        (LoraLayer, "mica_init"), (LoraLayer, "orthogonal_init"),
+                        (LoraLayer, "loftq_init"), (BaseTuner, "inject_adapter")):
         unpatch(owner, attr)
     uninstall_delta_weight()

@@ -20,6 +20,7 @@ import torch
 
 from . import options as _opt
 from .methods import gradient as _gradient
+from .methods import loftq as _loftq
 from .methods import loram as _loram
 from .methods import nlora as _nlora
 from .methods import orthogonal as _orthogonal
@@ -44,9 +45,11 @@ class Method:
     # LayerInit with whole A, B (every rank) and a residual of whole factors; None: needs the whole weight
     init_sharded: Optional[Callable] = None
     check_sharded: Optional[Callable] = None  # (**options) -> why these options need the whole weight, or None
+    replaces_weight: bool = False  # the init replaces the base weight (LoftQ), with no inverse
 
     def writes_residual(self, options: dict) -> bool:
-        """Whether the init changes the base weight (``residual=True`` turns it on for the three-matrix methods)."""
+        """Whether the init changes the base weight (a residual or a replacement; ``residual=True`` turns it on for
+        the three-matrix methods)."""
         return self.residual or bool(options.get("residual", False))
 
 
@@ -276,6 +279,33 @@ register(Method(name="mica", residual=False, check=_svd.check_rank,
                 init=lambda W, r, scaling, *, backend=None, bases=None: _svd.mica_init(W, r, scaling),
                 description="MiCA: B = the r minor left singular vectors (full SVD), A = 0, B frozen; W untouched",
                 reference="peft LoraLayer.mica_init + MiCALinearVariant; arXiv 2604.01694"))
+
+
+def _loftq_config(name, value):
+    if value is not None and not isinstance(value, dict) and not all(
+            hasattr(value, key) for key in ("loftq_bits", "loftq_iter")):
+        raise TypeError(f"loram_fast: option {name}={value!r}: expected peft's LoftQConfig or its dict")
+    return value
+
+
+_LOFTQ_OPTIONS = {"loftq_bits": _opt.int_choice(4, 8), "loftq_iter": _opt.integer(1)}
+
+
+def _loftq_init(W, r, scaling, *, backend=None, bases=None, loftq_config=None, **options):
+    if loftq_config is not None:  # peft's LoftQConfig (or LoraConfig.loftq_config, a dict): fills what is not passed
+        for key, check in _LOFTQ_OPTIONS.items():
+            value = loftq_config.get(key) if isinstance(loftq_config, dict) else getattr(loftq_config, key)
+            if key not in options and value is not None:
+                options[key] = check(key, value)
+    return _loftq.loftq_init(W, r, scaling, backend=backend, **options)
+
+
+register(Method(name="loftq", residual=True, replaces_weight=True, init=_loftq_init, check=_loftq.check_rank,
+                options={**_LOFTQ_OPTIONS, "solver": _opt.choice(*_loftq.SOLVERS), "niter": _opt.integer(0),
+                         "loftq_config": _loftq_config},
+                description="LoftQ: base weight replaced by its NF4/int8 quantisation Q (bitsandbytes' own), B A = "
+                            "the top-r SVD of W − Q, alternated loftq_iter times",
+                reference="peft loftq_utils.loftq_init + LoraLayer.loftq_init; arXiv 2310.08659"))
 
 
 _NLORA_REF = "TracyGuo2001/NLoRA peft fork (nlora_init, slora_init, inttune.py); arXiv 2502.14482"

@@ -156,6 +156,9 @@ def validate(method: Method, target: LoraTarget, adapter: str, options: dict, *,
 def _validate_sharded(method: Method, target: LoraTarget, options: dict, gather: bool) -> None:
     """What a weight split across ranks rules out (see README, "Sharded models")."""
     where = target.describe()
+    if method.replaces_weight:
+        raise NotImplementedError(f"loram_fast: method {method.name!r} cannot run on the base weight of {where}, which "
+                                  f"is split across {target.sharding.world} ranks: it replaces the whole weight")
     why = "it needs the whole weight" if method.init_sharded is None else (
         method.check_sharded(**options) if method.check_sharded is not None else None)
     if why and not gather:

@@ -57,6 +57,14 @@ def _sigint_deferred():
         previous(signal.SIGINT, caught[0])
 
 
+class ReplacedWeight:
+    """Record of an init that replaced the base weight (LoftQ: its dequantised weight); the original is gone, so a
+    later init of the adapter is refused."""
+
+    def __repr__(self) -> str:
+        return "ReplacedWeight()"
+
+
 def residual_record(layer, adapter: str) -> Optional[Residual]:
     """The residual a loram_fast init left in ``layer``'s base weight for ``adapter`` (None if none)."""
     return getattr(layer, _RECORD, {}).get(adapter)
@@ -132,9 +140,11 @@ class Transaction:
         return any_failed and not failed
 
     # -- steps ---------------------------------------------------------------------------------------------------
-    def _save_weight(self, target: LoraTarget) -> None:
+    def _save_weight(self, target: LoraTarget, *, always: bool = False) -> None:
+        """Keep a copy of the base weight before its first change (``always``: even with ``exact_rollback=False``,
+        for a change that has no inverse)."""
         W = target.local_weight()
-        if id(target.weight) in self._saved_weights or not self.exact_rollback:
+        if id(target.weight) in self._saved_weights or not (self.exact_rollback or always):
             return
         copy = W.detach().to(self.snapshot_device or W.device, copy=True)
         self._will(lambda: W.copy_(copy))
@@ -169,6 +179,10 @@ class Transaction:
         previous = residual_record(target.layer, self.adapter)
         if previous is None:
             return
+        if isinstance(previous, ReplacedWeight):
+            raise ValueError(f"loram_fast: adapter {self.adapter!r} of {target.describe()} was initialised by loftq, "
+                             "which replaced the base weight by its quantised form; the original weight is not in "
+                             "the model any more: load the base model again to initialise this adapter anew")
         with torch.no_grad():
             self._save_weight(target)
             self._set_record(target.layer, None)
@@ -188,9 +202,24 @@ class Transaction:
             self._set_frozen(layer, init.frozen, trainable)
             if residual is not None:
                 self._apply(target, residual, -1.0)
-            self._set_record(layer, None if residual is None else (
-                residual.without_bases() if isinstance(residual, BasisResidual) else residual))
+            if init.new_weight is not None:
+                self._replace(target, init.new_weight)
+            self._set_record(layer, ReplacedWeight() if init.new_weight is not None else None if residual is None
+                             else residual.without_bases() if isinstance(residual, BasisResidual) else residual)
             self._set_dora_magnitude(target, init)
+
+    def _replace(self, target: LoraTarget, new_weight: torch.Tensor) -> None:
+        """The base weight becomes ``new_weight`` (out×in, rounded once to the weight's dtype). It has no inverse, so
+        the weight is copied first even with ``exact_rollback=False``."""
+        if target.sharding is not None:
+            raise NotImplementedError(f"loram_fast: {target.describe()}: a replaced base weight cannot be written "
+                                      "into shards")
+        W = target.weight_view()
+        if tuple(new_weight.shape) != tuple(W.shape):
+            raise ValueError(f"loram_fast: {target.describe()}: replacement weight of shape "
+                             f"{tuple(new_weight.shape)} for a weight of shape {tuple(W.shape)}")
+        self._save_weight(target, always=True)
+        W.copy_(new_weight)
 
     def _set_dora_magnitude(self, target: LoraTarget, init: LayerInit) -> None:
         """DoRA: the magnitude vector becomes the row norms of ``W + s·B A`` (the new residual weight and adapters),

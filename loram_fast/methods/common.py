@@ -21,7 +21,9 @@ class LayerInit:
     (three-matrix methods: forward ``W x + s·B N A x``). ``residual``: what to subtract from W so that the output is
     unchanged at step 0 (None: W untouched). ``frozen``: adapter modules that must not train (e.g. IntTune's
     ``("lora_A", "lora_B")``). ``owned``: the method guarantees that A, B (and middle) are fresh tensors nothing
-    else holds (not views of W, not cached, not in the residual), so the writer may store them without a copy."""
+    else holds (not views of W, not cached, not in the residual), so the writer may store them without a copy.
+    ``new_weight``: a replacement of W (out×in), e.g. LoftQ's dequantised weight; the original is not recoverable
+    from the model afterwards (exclusive with ``residual``)."""
 
     A: torch.Tensor
     B: torch.Tensor
@@ -30,6 +32,7 @@ class LayerInit:
     residual: Optional[Residual] = None
     frozen: tuple = ()
     owned: bool = False
+    new_weight: Optional[torch.Tensor] = None
 
     def adapters(self) -> dict:
         """``{peft module name: matrix}`` to store."""
