@@ -77,8 +77,9 @@ setup(
         "triton; platform_system == 'Linux'",
     ],
     # bitsandbytes: the reference that tests/test_loftq.py checks the NF4 / int8 quantisers against (its CPU
-    # implementation); the library itself never imports it
-    extras_require={"test": ["pytest", "bitsandbytes>=0.50,<0.51"], "bench": ["matplotlib"]},
+    # implementation); attrs: peft's corda.py imports it (tests/test_corda.py runs peft's CorDA); the library
+    # itself imports neither
+    extras_require={"test": ["pytest", "bitsandbytes>=0.50,<0.51", "attrs"], "bench": ["matplotlib"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

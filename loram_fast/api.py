@@ -30,8 +30,11 @@ logger = logging.getLogger(__name__)
 DATA_OPTIONS = {
     "dataloader": opt.iterable(), "loss_fn": opt.callable_(), "train_step": opt.callable_(),
     "gradient_mode": opt.choice("full", "sketch"), "sketch_rank": opt.integer(1),
-    "max_batches": opt.integer(1, optional=True),
+    "max_batches": opt.integer(1, optional=True), "run_model": opt.callable_(),
 }
+# the data options each kind of data-driven method accepts
+_DATA_OF_KIND = {"gradient": ("dataloader", "loss_fn", "train_step", "gradient_mode", "sketch_rank", "max_batches"),
+                 "covariance": ("dataloader", "run_model", "max_batches")}
 CALL_OPTIONS = {
     "adapter_name": opt.adapter_name(), "progress": opt.boolean(), "rounded_residual": opt.boolean(),
     "allow_shared_base": opt.boolean(),
@@ -104,6 +107,22 @@ def _gradient_estimator(model, spec: Method, targets, data: dict, progress: bool
     return gradients
 
 
+def _covariance_estimator(model, spec: Method, targets, data: dict, progress: bool):
+    """A callable giving each layer's input covariance (CorDA), run after earlier residuals are put back."""
+    from .data import estimate_covariances
+
+    def covariances():
+        start = time.perf_counter()
+        covs = estimate_covariances(model, [t.layer.get_base_layer() for t in targets], [t.layer for t in targets],
+                                    names=[t.name for t in targets], progress=progress,
+                                    desc=f"loram_fast {spec.name}: covariances", **data)
+        logger.info("loram_fast %s: estimated %d covariances in %.3f s", spec.name, len(covs),
+                    time.perf_counter() - start)
+        return [{"covariance": c} for c in covs]
+
+    return covariances
+
+
 def init_model(model: nn.Module, method: str = "loram", **kwargs) -> nn.Module:
     """Re-initialise every LoRA layer of ``adapter_name`` (default: the active adapter) with ``method``.
 
@@ -131,6 +150,8 @@ def init_model(model: nn.Module, method: str = "loram", **kwargs) -> nn.Module:
     - Data-driven methods (``lora_one``, ``lora_ga``): ``dataloader=`` (dict batches; loss ``model(**batch).loss``),
       optionally ``loss_fn=(model, batch) -> loss``, or ``train_step=callable``; ``gradient_mode="full"``
       (default) or ``"sketch"`` (never holds a full gradient; ``sketch_rank=`` sets its rank), ``max_batches=``.
+      ``corda`` (input covariances, forward passes only): ``dataloader=`` (``model(**batch)``) or ``run_model=``
+      (peft's ``preprocess_corda`` callback), ``max_batches=``.
 
     A second call on the same adapter first puts back the residual the first one wrote. The method and the options
     that change the result are recorded in ``model.peft_config[adapter].init_lora_weights``
@@ -170,7 +191,13 @@ def init_model(model: nn.Module, method: str = "loram", **kwargs) -> nn.Module:
     _check_previous_init(spec, targets, adapter, config)
     _load_backends()
 
-    gradients = _gradient_estimator(model, spec, targets, data, progress) if spec.needs_data else None
+    if spec.needs_data:
+        wrong = sorted(set(data) - set(_DATA_OF_KIND[spec.data_kind]))
+        if wrong:
+            raise TypeError(f"loram_fast: method {spec.name!r} does not take {', '.join(wrong)}; its data options: "
+                            f"{', '.join(_DATA_OF_KIND[spec.data_kind])}")
+    estimator = _covariance_estimator if spec.data_kind == "covariance" else _gradient_estimator
+    gradients = estimator(model, spec, targets, data, progress) if spec.needs_data else None
 
     record = format_init_string(spec.name, _recorded_options(spec, options, rounded_residual))
     transaction = Transaction(adapter, config=config, record=record, rounded_residual=rounded_residual,

@@ -276,3 +276,70 @@ def _sketch(model, weights, views, names, base_layers, dataloader, loss_fn, trai
         core = torch.linalg.lstsq(st["psi"] @ Q, Z).solution  # k×in
         out.append(SketchedGradient(left=Q, right=core))
     return out
+
+
+def estimate_covariances(model: nn.Module, base_layers: list, lora_layers: list, *,
+                         dataloader: Optional[Iterable] = None, run_model: Optional[Callable] = None,
+                         max_batches: Optional[int] = None, names: Optional[list[str]] = None,
+                         progress: bool = False, desc: str = "loram_fast: covariances") -> list[torch.Tensor]:
+    """Input covariance of each layer in ``base_layers``, as peft's CorDA collects it (``calib_cov_distribution``),
+    with the adapters disabled: ``C = mean over samples of X̂ᵀX̂``, ``X̂ = X / |max(X)|`` per sample (X: the sample's
+    tokens × in, fp32; the abs of the max, not the max of abs, as peft). peft hooks one forward call per sample
+    (batch size 1); a batch of b samples here counts as b samples. Data: ``dataloader`` (dict batches,
+    ``model(**batch)``) or ``run_model()`` (peft's convention: a callable that runs the model itself).
+    Returns fp32 in×in tensors on each layer's device."""
+    if (dataloader is None) == (run_model is None):
+        raise ValueError("loram_fast: covariance-based methods (corda) need data: pass dataloader=batches (dicts for "
+                         "the model) or run_model=callable that runs the model itself, not both")
+    names = names or [f"layer {i}" for i in range(len(base_layers))]
+    sums: list = [None] * len(base_layers)
+    counts = [0] * len(base_layers)
+
+    def hook(i):
+        def collect(module, inputs, output):
+            x = inputs[0].detach()
+            samples = x.reshape(-1, *x.shape[-2:]) if x.dim() >= 3 else x.unsqueeze(0)
+            for X in samples.float():
+                X = X / X.max().abs()
+                if not bool(torch.isfinite(X).all()):
+                    raise ValueError(f"loram_fast: the input of {names[i]!r} holds NaN or Inf values, or a sample "
+                                     "whose largest entry is 0")
+                cov = X.T @ X
+                sums[i] = cov if sums[i] is None else sums[i].add_(cov)
+                counts[i] += 1
+        return collect
+
+    from tqdm.auto import tqdm
+
+    total = None if dataloader is None or not hasattr(dataloader, "__len__") else (
+        len(dataloader) if max_batches is None else min(len(dataloader), max_batches))
+    bar = tqdm(total=total, desc=desc, unit="batch", disable=not progress or dataloader is None, leave=False)
+    handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(base_layers)]
+    try:
+        with _estimation_state(model, lora_layers, train=False), torch.no_grad():
+            if run_model is not None:
+                run_model()
+            else:
+                device = next(model.parameters()).device
+                n = 0
+                for batch in dataloader:
+                    if max_batches is not None and n >= max_batches:
+                        break
+                    if not isinstance(batch, Mapping):
+                        raise TypeError(f"loram_fast: batch {n} is a {type(batch).__name__}; each batch must be a "
+                                        "dict of model inputs, or pass run_model=callable")
+                    model(**_move(batch, device))
+                    n += 1
+                    bar.update(1)
+                if n == 0:
+                    raise ValueError("loram_fast: the dataloader yielded no batch")
+    finally:
+        for h in handles:
+            h.remove()
+        bar.close()
+    for i, name in enumerate(names):
+        if counts[i] == 0:
+            raise ValueError(f"loram_fast: no input reached {name!r}; is the module part of the model's forward? "
+                             "Leave it out of target_modules")
+        sums[i].div_(counts[i])
+    return sums

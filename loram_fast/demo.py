@@ -65,8 +65,7 @@ def run(hidden=1024, layers=4, rank=16, alpha=32, dtype=torch.float32, methods=N
         start = time.perf_counter()
         init_model(model, method=name, progress=False, **data)
         rows.append(_row(name, time.perf_counter() - start, before, _logits(model, tokens),
-                         ("residual in W" if spec.residual else "W untouched")
-                         + (", gradient from 2 random batches" if spec.needs_data else "")))
+                         _note(spec)))
     # the LoRAM reference code path, layer by layer, for comparison
     model = get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGETS))
     start = time.perf_counter()
@@ -81,6 +80,15 @@ def format_table(rows: list[dict], header: str) -> str:
     for r in rows:
         lines.append(f"| {r['method']} | {r['time_s']:.3f} | {r['output_change']:.2e} | {r['note']} |")
     return "\n".join(lines) + "\n"
+
+
+def _note(spec) -> str:
+    if spec.replaces_weight:
+        return "W replaced by its quantised form (output kept only with lora_alpha = r)"
+    note = "residual in W" if spec.residual else "W untouched"
+    if spec.needs_data:
+        note += f", {spec.data_kind} from 2 random batches"
+    return note
 
 
 def main(argv=None) -> int:

@@ -19,6 +19,7 @@ from typing import Callable, Optional
 import torch
 
 from . import options as _opt
+from .methods import corda as _corda
 from .methods import gradient as _gradient
 from .methods import loftq as _loftq
 from .methods import loram as _loram
@@ -37,6 +38,7 @@ class Method:
     check: Optional[Callable] = None  # (shape (out, in), r, **options) -> problem string or None
     layer_kinds: tuple = ("linear",)  # peft layer kinds supported: "linear", "embedding", "conv"
     needs_data: bool = False
+    data_kind: str = "gradient"  # what needs_data means: "gradient" (per-layer grad) or "covariance" (input covariance)
     reference: str = ""  # where the published math comes from
     # optional batched form: (list of same-shaped W, r, list of scalings, **same kwargs) -> list of LayerInit
     init_batch: Optional[Callable] = None
@@ -262,6 +264,26 @@ register(Method(
              "stable_dim": _opt.choice("stored", "out"), "lora_ga_config": _lora_ga_config},
     check=lambda shape, r, **o: _gradient.check_lora_ga_rank(shape, r),
     reference="peft LoraLayer.lora_ga_init + loraga.py; arXiv 2407.05000"))
+
+
+def _corda_config(name, value):
+    if value is not None and not hasattr(value, "corda_method"):
+        raise TypeError(f"loram_fast: option {name}={value!r}: expected peft's CordaConfig")
+    return value
+
+
+def _corda_init(W, r, scaling, *, backend=None, bases=None, covariance=None, corda_config=None, **options):
+    if corda_config is not None and corda_config.corda_method is not None:
+        options.setdefault("corda_method", _opt.choice(*_corda.MODES)("corda_method", corda_config.corda_method))
+    return _corda.corda_init(W, r, scaling, covariance=covariance, backend=backend, **options)
+
+
+register(Method(
+    name="corda", init=_corda_init, residual=True, needs_data=True, data_kind="covariance",
+    description="CorDA: SVD of W·C (C: damped input covariance from data), the r largest (ipm) or smallest (kpm) "
+                "triplets, V whitened by inv(C), sqrt(S/s) split; residual in W",
+    options={"corda_method": _opt.choice(*_corda.MODES), "corda_config": _corda_config},
+    check=_corda.check_rank, reference="peft corda.py (preprocess_corda) + LoraLayer.corda_init; arXiv 2406.05223"))
 
 
 def _orthogonal_init(W, r, scaling, *, backend=None, bases=None, seed=None):

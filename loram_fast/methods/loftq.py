@@ -13,7 +13,7 @@ scaling is not divided out, so the model reproduces W at step 0 only where ``lor
 ``solver="exact"``: the full SVD, as peft (bit for bit the same A, B and Q on the same LAPACK). An iterative top-r
 solver does not pay here: ``W − Q`` is quantisation noise with a flat spectrum (σ_17/σ_16 ≈ 0.999 on 2048² weights),
 where subspace iteration converges no faster than the full SVD. ``"randomized"``:
-:func:`~loram_fast.ops.rsvd.randomized_svd` with ``niter`` power passes, 4–11× faster for a LoftQ error 0.1–0.4 %
+:func:`~loram_fast.ops.rsvd.randomized_svd` with ``niter`` power passes, 7–17× faster for a LoftQ error 0.1–0.3 %
 higher (``bench/loftq.py``).
 """
 from __future__ import annotations
