@@ -79,7 +79,7 @@ setup(
     # bitsandbytes: the reference that tests/test_loftq.py checks the NF4 / int8 quantisers against (its CPU
     # implementation); attrs: peft's corda.py imports it (tests/test_corda.py runs peft's CorDA); scipy: peft's
     # LoraConfig(init_lora_weights="loftq") requires it (tests/test_loftq.py, the hook); the library
-    # itself imports neither
+    # itself imports none of them
     extras_require={"test": ["pytest", "bitsandbytes>=0.50,<0.51", "attrs", "scipy"], "bench": ["matplotlib"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
