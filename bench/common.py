@@ -159,7 +159,14 @@ def _status_kib(field: str) -> int:
 
 def reset_peak_rss() -> int:
     """Reset this process's peak RSS (VmHWM) to its current RSS and return that, in bytes. (``ru_maxrss`` is no
-    use here: Linux carries it over from the parent through fork and exec.)"""
+    use here: Linux carries it over from the parent through fork and exec.) Freed heap memory is returned to the
+    system first (glibc ``malloc_trim``), so that later allocations show up in the peak instead of reusing it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     Path("/proc/self/clear_refs").write_text("5")
     return _status_kib("VmRSS") * 1024
 

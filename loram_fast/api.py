@@ -174,6 +174,11 @@ def init_model(model: nn.Module, method: str = "loram", **kwargs) -> nn.Module:
         raise TypeError(f"loram_fast: method {spec.name!r} takes no data; got {', '.join(sorted(data))}")
     data = opt.validate(data, DATA_OPTIONS, "init_model")
     options = opt.validate({**parsed[1], **kwargs}, spec.options, f"method {spec.name!r}")
+    if "eigens" in options:
+        raise TypeError("loram_fast: eigens= is what the peft hook passes from peft's preprocess_corda; init_model "
+                        "collects the covariances itself (dataloader= or run_model=)")
+    if spec.expand is not None:
+        options = spec.expand(options)
     rounded_residual = call.get("rounded_residual", False) or bool(options.pop("rounded_residual", False))
     progress = call.get("progress", True)
     backend = call.get("backend")

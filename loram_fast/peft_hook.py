@@ -30,9 +30,10 @@ def install(take_over_peft_inits: bool = False) -> None:
     """Patch ``peft.tuners.lora.LoraLayer.reset_lora_parameters`` (idempotent).
 
     ``take_over_peft_inits=True`` also routes peft's own ``"pissa"``, ``"pissa_niter_N"``, ``"olora"``, ``"mica"``,
-    ``"orthogonal"`` and ``"loftq"`` through loram_fast (same results; exact PiSSA without a full SVD, our randomized
+    ``"orthogonal"``, ``"loftq"`` and ``"corda"`` through loram_fast (same results; exact PiSSA without a full SVD, our randomized
     SVD with oversampling, panel QR; MiCA and orthogonal as peft computes them; LoftQ on any device with
-    bitsandbytes' quantisers, no bitsandbytes needed; in one transaction). Off by
+    bitsandbytes' quantisers, no bitsandbytes needed; CorDA from the eigens of peft's ``preprocess_corda``; in one
+    transaction). Off by
     default: peft's own methods stay peft's. Quantized (bitsandbytes) weights still go to peft's code."""
     from peft.tuners.lora import LoraLayer
     from peft.tuners.tuners_utils import BaseTuner
@@ -163,7 +164,7 @@ def _take_over(LoraLayer) -> None:
                 weight = self.get_base_layer().weight
                 if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16) or weight.device.type == "meta":
                     return original(self, adapter_name, *args, **kwargs)
-                method = method_of(*args)  # a name, or (name, options)
+                method = method_of(self, *args)  # a name, or (name, options)
                 name, options = method if isinstance(method, tuple) else (method, {})
                 return init_layer(self, adapter_name, name, **options)
 
@@ -173,13 +174,25 @@ def _take_over(LoraLayer) -> None:
 
     import torch
 
-    route("pissa_init", lambda init_lora_weights: init_lora_weights)
-    route("olora_init", lambda: "olora")
-    route("mica_init", lambda: "mica")
-    route("orthogonal_init", lambda: "orthogonal")
+    route("pissa_init", lambda layer, init_lora_weights: init_lora_weights)
+    route("olora_init", lambda layer: "olora")
+    route("mica_init", lambda layer: "mica")
+    route("orthogonal_init", lambda layer: "orthogonal")
     # peft's embedding and conv layers call loftq_init without the config (and fail there); ours names the layer kind
-    route("loftq_init", lambda config=None: ("loftq", {} if config is None else {
+    route("loftq_init", lambda layer, config=None: ("loftq", {} if config is None else {
         "loftq_config": dict(config.loftq_config)}))
+    # CorDA: the eigens that peft's preprocess_corda stored on the base layer (consumed, as peft deletes them)
+    route("corda_init", lambda layer, init_lora_weights: ("corda", {"eigens": _take_eigens(layer)}))
+
+
+def _take_eigens(layer):
+    base = layer.get_base_layer()
+    eigens = getattr(base, "eigens", None)
+    if eigens is None:
+        raise ValueError("loram_fast: corda: the base layer has no `eigens`; run peft's preprocess_corda first, or "
+                         "use loram_fast.init_model(model, 'corda', dataloader=...)")
+    del base.eigens
+    return eigens
 
 
 def uninstall() -> None:
@@ -191,6 +204,6 @@ def uninstall() -> None:
 
     for owner, attr in ((LoraLayer, "reset_lora_parameters"), (LoraLayer, "pissa_init"), (LoraLayer, "olora_init"),
                         (LoraLayer, "mica_init"), (LoraLayer, "orthogonal_init"),
-                        (LoraLayer, "loftq_init"), (BaseTuner, "inject_adapter")):
+                        (LoraLayer, "loftq_init"), (LoraLayer, "corda_init"), (BaseTuner, "inject_adapter")):
         unpatch(owner, attr)
     uninstall_delta_weight()

@@ -48,6 +48,8 @@ class Method:
     init_sharded: Optional[Callable] = None
     check_sharded: Optional[Callable] = None  # (**options) -> why these options need the whole weight, or None
     replaces_weight: bool = False  # the init replaces the base weight (LoftQ), with no inverse
+    # folds a peft config object among the options (e.g. loftq_config) into plain options that can be recorded
+    expand: Optional[Callable] = None
 
     def writes_residual(self, options: dict) -> bool:
         """Whether the init changes the base weight (a residual or a replacement; ``residual=True`` turns it on for
@@ -272,17 +274,36 @@ def _corda_config(name, value):
     return value
 
 
-def _corda_init(W, r, scaling, *, backend=None, bases=None, covariance=None, corda_config=None, **options):
-    if corda_config is not None and corda_config.corda_method is not None:
-        options.setdefault("corda_method", _opt.choice(*_corda.MODES)("corda_method", corda_config.corda_method))
-    return _corda.corda_init(W, r, scaling, covariance=covariance, backend=backend, **options)
+def _expand_corda(options: dict) -> dict:
+    """``corda_config`` (peft's CordaConfig) gives ``corda_method`` when not passed."""
+    options = dict(options)
+    config = options.pop("corda_config", None)
+    if config is not None and config.corda_method is not None:
+        options.setdefault("corda_method", _opt.choice(*_corda.MODES)("corda_method", config.corda_method))
+    return options
+
+
+def _corda_init(W, r, scaling, *, backend=None, bases=None, covariance=None, eigens=None, **options):
+    if eigens is not None:  # the hook's take-over of peft's corda_init: peft's cropped eigens of W·C'
+        return _corda.corda_from_eigens(W, r, scaling, eigens.U_WC, eigens.S_WC, eigens.V_WC)
+    if covariance is None:
+        raise ValueError("loram_fast.corda: no input covariance (init_model collects it from dataloader= or "
+                         "run_model=)")
+    return _corda.corda_init(W, r, scaling, covariance=covariance, backend=backend, **_expand_corda(options))
+
+
+def _eigens(name, value):
+    if not all(hasattr(value, key) for key in ("U_WC", "S_WC", "V_WC")):
+        raise TypeError(f"loram_fast: option {name}: expected peft's CordaEigens (the hook passes them)")
+    return value
 
 
 register(Method(
     name="corda", init=_corda_init, residual=True, needs_data=True, data_kind="covariance",
     description="CorDA: SVD of W·C (C: damped input covariance from data), the r largest (ipm) or smallest (kpm) "
                 "triplets, V whitened by inv(C), sqrt(S/s) split; residual in W",
-    options={"corda_method": _opt.choice(*_corda.MODES), "corda_config": _corda_config},
+    options={"corda_method": _opt.choice(*_corda.MODES), "corda_config": _corda_config, "eigens": _eigens},
+    expand=_expand_corda,
     check=_corda.check_rank, reference="peft corda.py (preprocess_corda) + LoraLayer.corda_init; arXiv 2406.05223"))
 
 
@@ -313,16 +334,24 @@ def _loftq_config(name, value):
 _LOFTQ_OPTIONS = {"loftq_bits": _opt.int_choice(4, 8), "loftq_iter": _opt.integer(1)}
 
 
-def _loftq_init(W, r, scaling, *, backend=None, bases=None, loftq_config=None, **options):
-    if loftq_config is not None:  # peft's LoftQConfig (or LoraConfig.loftq_config, a dict): fills what is not passed
+def _expand_loftq(options: dict) -> dict:
+    """``loftq_config`` (peft's LoftQConfig, or LoraConfig.loftq_config's dict) fills what is not passed."""
+    options = dict(options)
+    config = options.pop("loftq_config", None)
+    if config is not None:
         for key, check in _LOFTQ_OPTIONS.items():
-            value = loftq_config.get(key) if isinstance(loftq_config, dict) else getattr(loftq_config, key)
+            value = config.get(key) if isinstance(config, dict) else getattr(config, key)
             if key not in options and value is not None:
                 options[key] = check(key, value)
-    return _loftq.loftq_init(W, r, scaling, backend=backend, **options)
+    return options
+
+
+def _loftq_init(W, r, scaling, *, backend=None, bases=None, **options):
+    return _loftq.loftq_init(W, r, scaling, backend=backend, **_expand_loftq(options))
 
 
 register(Method(name="loftq", residual=True, replaces_weight=True, init=_loftq_init, check=_loftq.check_rank,
+                expand=_expand_loftq,
                 options={**_LOFTQ_OPTIONS, "solver": _opt.choice(*_loftq.SOLVERS), "niter": _opt.integer(0),
                          "loftq_config": _loftq_config},
                 description="LoftQ: base weight replaced by its NF4/int8 quantisation Q (bitsandbytes' own), B A = "

@@ -140,3 +140,62 @@ def test_bad_input_changes_nothing(llama_base):
     with pytest.raises(TypeError, match="a list"):
         loram_fast.init_model(model, "corda", dataloader=[[1, 2]], progress=False)
     assert_same(model, before)
+
+
+def test_ipm_never_forms_w_times_c_when_iteration_converges(monkeypatch):
+    """W·C' as an operator: top_svd iterates on the products and matches the dense matrix's triplets; the m×n fp32
+    product is formed only for a full-SVD fallback (spied on)."""
+    from loram_fast.ops import sharded, topsvd
+
+    g = torch.Generator().manual_seed(0)
+    m, n, r = 384, 320, 4
+    U, _ = torch.linalg.qr(torch.randn(m, n, generator=g))
+    V, _ = torch.linalg.qr(torch.randn(n, n, generator=g))
+    W = (U * torch.arange(1, n + 1).float().pow(-1.0)) @ V.T
+    X = torch.randn(200, n, generator=g) @ torch.diag(torch.linspace(1, 0.1, n))
+    C = X.T @ X / 200
+    formed = []
+    monkeypatch.setattr(sharded.RightProductOperator, "whole", lambda self: formed.append(1) or W @ self.right)
+    got = topsvd.top_svd(sharded.RightProductOperator(W, C), r)
+    assert not got.fallback and got.passes > 0 and not formed
+    ref = topsvd.top_svd(W @ C, r)
+    assert relative_error(got.S, ref.S) <= 1e-5
+    assert relative_error((got.U * got.S) @ got.Vh, (ref.U * ref.S) @ ref.Vh) <= 1e-4
+
+
+def test_corda_config_is_recorded_as_plain_options(llama_base):
+    samples = _samples()
+    model = get_peft_model(copy.deepcopy(llama_base), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    loram_fast.init_model(model, "corda", corda_config=CordaConfig(corda_method="kpm"), dataloader=samples,
+                          progress=False)
+    assert model.peft_config["default"].init_lora_weights == "loram_fast:corda[corda_method=kpm]"
+    _compare(model, _ours(llama_base, "kpm", dataloader=samples), 0.0)
+    with pytest.raises(TypeError, match="eigens"):
+        loram_fast.init_model(model, "corda", eigens=object(), dataloader=samples, progress=False)
+
+
+@pytest.mark.parametrize("mode", ["ipm", "kpm"])
+def test_hook_take_over_of_peft_corda(llama_base, monkeypatch, mode):
+    """With the take-over, peft's LoraConfig(init_lora_weights="corda") after preprocess_corda runs our writer on
+    peft's eigens (a spy proves it): the same model as peft's own corda_init, the eigens consumed."""
+    from loram_fast import peft_hook
+
+    samples = _samples()
+    theirs = _peft_corda(llama_base, mode, samples)
+    calls = []
+    real = peft_hook.init_layer
+
+    def spy(layer, adapter_name, method, **options):
+        calls.append(method)
+        return real(layer, adapter_name, method, **options)
+
+    monkeypatch.setattr(peft_hook, "init_layer", spy)
+    peft_hook.install(take_over_peft_inits=True)
+    try:
+        ours = _peft_corda(llama_base, mode, samples)
+    finally:
+        peft_hook.uninstall()
+        peft_hook.install()
+    assert calls == ["corda"] * 6
+    _compare(ours, theirs, 1e-6)
+    assert not any(hasattr(m, "eigens") for m in ours.modules())

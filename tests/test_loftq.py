@@ -402,3 +402,13 @@ def test_option_errors(llama_base):
     with pytest.raises(TypeError, match="LoftQConfig"):
         loram_fast.init_model(model, "loftq", loftq_config=3, progress=False)
     assert_same(model, before)
+
+
+def test_loftq_config_is_recorded_as_plain_options(llama_base):
+    model = _peft(copy.deepcopy(llama_base))
+    loram_fast.init_model(model, "loftq", loftq_config=LoftQConfig(loftq_bits=8, loftq_iter=2), progress=False)
+    assert model.peft_config["default"].init_lora_weights == "loram_fast:loftq[loftq_bits=8,loftq_iter=2]"
+    direct = _peft(copy.deepcopy(llama_base))
+    loram_fast.init_model(direct, "loftq", loftq_bits=8, loftq_iter=2, progress=False)
+    for (k, a), b in zip(model.state_dict().items(), direct.state_dict().values()):
+        assert torch.equal(a, b), k

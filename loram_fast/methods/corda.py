@@ -9,14 +9,17 @@ For W (out×in, fp32 math), input covariance C (in×in), rank r, scaling s:
     V = (Vᵀ_r inv(C'))ᵀ            in×r
     A = √(S/s) Vᵀ (r×in),  B = U √(S/s) (out×r),  residual s·B A = U_r S_r Vᵀ_r inv(C')  subtracted from W
 
-"ipm" takes the top-r triplets from :func:`~loram_fast.ops.topsvd.top_svd` (iterated to its residual test, the full
-SVD where that would not pay); "kpm" needs the full SVD (the r smallest), as peft.
+"ipm" takes the top-r triplets from :func:`~loram_fast.ops.topsvd.top_svd` on ``W C'`` as an operator (products
+``W (C' X)`` and ``(Yᵀ W) C'``): no m×n fp32 matrix, iterated to its residual test; only where that would not pay
+(flat spectra, small weights) is ``W C'`` formed for the full SVD. "kpm" needs the full SVD (the r smallest), as
+peft.
 """
 from __future__ import annotations
 
 import torch
 
 from ..ops.matmul import matmul_f32
+from ..ops.sharded import RightProductOperator
 from ..ops.topsvd import top_svd
 from .common import LayerInit, product_residual
 
@@ -52,14 +55,29 @@ def corda_init(W: torch.Tensor, r: int, scaling: float, *, covariance: torch.Ten
     if not bool(torch.isfinite(W).all()):
         raise ValueError("loram_fast.corda: the weight holds NaN or Inf values")
     fixed, inverse = damped_covariance(covariance.to(W.device))
-    WC = matmul_f32(W, fixed, backend=backend)
-    if corda_method == "ipm":
-        U, S, Vh, _, _ = top_svd(WC, r, backend=backend)
+    if corda_method == "ipm":  # W C' through products (never formed unless the full-SVD fallback runs)
+        U, S, Vh, _, _ = top_svd(RightProductOperator(W, fixed, backend=backend), r, backend=backend)
     else:
+        WC = matmul_f32(W, fixed, backend=backend)
         U, S, Vh = torch.linalg.svd(WC, full_matrices=False)
         U, S, Vh = U[:, -r:], S[-r:], Vh[-r:]
-    del WC
-    Vh = Vh @ inverse  # Vᵀ inv(C'): r×in
+        del WC
+    return corda_from_eigens(W, r, scaling, U, S, (Vh @ inverse).T)  # V = (Vᵀ inv(C'))ᵀ: in×r
+
+
+def corda_from_eigens(W: torch.Tensor, r: int, scaling: float, U: torch.Tensor, S: torch.Tensor,
+                      V: torch.Tensor) -> LayerInit:
+    """peft's ``corda_init`` split of cropped eigens (U out×r, S r, V in×r, as ``preprocess_corda`` stores them):
+    ``A = √(S/s) Vᵀ``, ``B = U √(S/s)``, residual ``s·B A``."""
+    out_dim, in_dim = W.shape
+    for name, t in (("S", S), ("U", U), ("V", V)):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"loram_fast.corda: the eigens' {name} holds NaN or Inf values")
+    if tuple(U.shape) != (out_dim, r) or tuple(S.shape) != (r,) or tuple(V.shape) != (in_dim, r):
+        raise ValueError(f"loram_fast.corda: eigens of shapes U {tuple(U.shape)}, S {tuple(S.shape)}, V "
+                         f"{tuple(V.shape)} for a weight {out_dim}×{in_dim} at r={r} (were they built for this model "
+                         "and rank?)")
+    U, S, V = (t.to(device=W.device, dtype=torch.float32) for t in (U, S, V))
     root = (S / scaling).sqrt()
-    A, B = (Vh * root[:, None]).contiguous(), (U * root).contiguous()
+    A, B = (V.T * root[:, None]).contiguous(), (U * root).contiguous()
     return LayerInit(A=A, B=B, scaling=scaling, owned=True, residual=product_residual(scaling, B, A))

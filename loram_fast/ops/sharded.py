@@ -300,3 +300,33 @@ class MatrixOperator:
             if a < b:
                 out[:, a - c0:b - c0] = self.local[r0:r1, a - lo:b - lo].float()
         return all_reduce(out, sh.group)
+
+
+class RightProductOperator(MatrixOperator):
+    """``M = W C`` (W out×in in its own dtype, C in×in fp32) through products, never formed: ``M X = W (C X)``,
+    ``Yᵀ M = (Yᵀ W) C``; :meth:`whole` forms it (fp32) for a fallback. One process (no sharding)."""
+
+    def __init__(self, W: torch.Tensor, C: torch.Tensor, backend=None):
+        super().__init__(W, (W.shape[0], C.shape[1]), None, backend)
+        self.right = C.float()
+
+    def transposed(self) -> "MatrixOperator":
+        raise NotImplementedError("loram_fast: RightProductOperator has no transposed form")
+
+    def mm(self, X: torch.Tensor) -> torch.Tensor:
+        return matmul_f32(self.local, self.right @ X, backend=self.backend)
+
+    def tmm(self, Y: torch.Tensor) -> torch.Tensor:
+        return matmul_f32(Y.mT, self.local, backend=self.backend) @ self.right
+
+    def sketch(self, q: int, generator: Optional[torch.Generator], owner: str) -> torch.Tensor:
+        if generator is None:
+            generator = torch.Generator(device=self.device).manual_seed(0)
+        omega = torch.randn(self.shape[1], q, generator=generator, device=self.device, dtype=torch.float32)
+        Y = self.mm(omega)
+        if not bool(torch.isfinite(Y).all()):
+            raise ValueError(f"loram_fast.{owner}: the input holds NaN or Inf values")
+        return Y
+
+    def whole(self) -> torch.Tensor:
+        return matmul_f32(self.local, self.right, backend=self.backend)

@@ -63,15 +63,23 @@ def _passes_budget(m: int, n: int, q: int) -> int:
 def top_svd(A: torch.Tensor, r: int, *, tol: float | None = None, generator: torch.Generator | None = None,
             backend=None) -> TopSVD:
     """Top-r singular triplets of A (..., m, n), fp32, to the a-posteriori tolerance ``tol`` (see module docstring).
+    ``A`` may be a one-process :class:`~loram_fast.ops.sharded.MatrixOperator` (e.g. ``W C`` never formed); the
+    full-SVD fallback then forms it (``op.whole()``).
 
     >>> U, S, Vh, passes, fallback = top_svd(W, 16)   # W 2048×2048 → U 2048×16, S 16, Vh 16×2048
     """
-    if not isinstance(A, torch.Tensor) or A.dim() < 2:
+    if isinstance(A, MatrixOperator):
+        if A.sharding is not None:
+            raise ValueError("loram_fast.top_svd: a sharded operator goes to top_svd_sharded")
+        op, dense = A, A.whole
+    elif not isinstance(A, torch.Tensor) or A.dim() < 2:
         raise ValueError(f"loram_fast.top_svd: expected a tensor of shape (..., m, n), got "
                          f"{tuple(getattr(A, 'shape', ()))}")
+    else:
+        op, dense = fp32_if_small(A), lambda: A
     if not isinstance(r, int) or r < 1:
         raise ValueError(f"loram_fast.top_svd: rank must be a positive integer, got {r!r}")
-    m, n = A.shape[-2:]
+    m, n = op.shape[-2:]
     tol = default_tol(m, n) if tol is None else tol
     if not (isinstance(tol, float) and 0 < tol < 1):
         raise ValueError(f"loram_fast.top_svd: tol must be a float in (0, 1), got {tol!r}")
@@ -80,12 +88,12 @@ def top_svd(A: torch.Tensor, r: int, *, tol: float | None = None, generator: tor
     if r > k:
         raise ValueError(f"loram_fast.top_svd: rank r={r} exceeds min(m, n)={k}")
     if k <= 4 * q:
-        return _full(A, r, 0)
-    U, S, Vh, passes, converged = subspace_iteration(fp32_if_small(A), r, q, tol, _passes_budget(m, n, q),
+        return _full(dense(), r, 0)
+    U, S, Vh, passes, converged = subspace_iteration(op, r, q, tol, _passes_budget(m, n, q),
                                                      give_up=True, generator=generator, backend=backend)
     if converged:
         return TopSVD(U, S, Vh, passes, False)
-    return _full(A, r, passes)
+    return _full(dense(), r, passes)
 
 
 def subspace_iteration(A, r: int, q: int, tol: float, max_passes: int, *, give_up: bool = False,
