@@ -6,8 +6,10 @@ Both start from the same input covariances (collecting them is the same forward 
 ``peft``: ``collect_eigens_for_layer`` (damping, W·C', full SVD, V = (Vh inv(C'))ᵀ), the crop of
 ``crop_corda_eigens`` and ``LoraLayer.corda_init`` on a peft LoRA layer (split and residual). ``ours``:
 ``loram_fast.methods.corda.corda_init`` (ipm: top-r triplets of W·C' as an operator; kpm: the full SVD) and the
-residual write. Weights: hidden 1024, MLP 2816 (--quick: 512 / 1408), σ_k ∝ k^-0.5; inputs with a k^-1 spectrum
-(C from 4096 tokens); r = 16, alpha = 32. Columns: interleaved median time over the seven layers, ``ratio`` = peft
+residual write, with one cache per call (layers that read the same input share the covariance and its damping,
+as ``init_model`` arranges). Weights: hidden 1024, MLP 2816 (--quick: 512 / 1408), σ_k ∝ k^-0.5; inputs with a k^-1 spectrum
+(C from 4096 tokens; one covariance per input size, so q/k/v/o share one, gate/up another: in a real model o reads
+another input than q/k/v); r = 16, alpha = 32. Columns: interleaved median time over the seven layers, ``ratio`` = peft
 time / ours, ``peak_mib`` = peak RSS increase of one call over all layers in a fresh subprocess (CPU), ``err_fp64``
 = max over layers of ‖s·B A − T‖ / ‖T‖ with T the same CorDA product computed in fp64 (W·C' is ill-conditioned
 here: σ_1/σ_16 ≈ 300, and inv(C') amplifies further, so fp32 results, peft's included, sit ~1e-3 from T),
@@ -73,9 +75,9 @@ def peft_corda(W, C, mode):
     return base.weight.data, layer.lora_B["default"].weight.data, layer.lora_A["default"].weight.data
 
 
-def ours_corda(W, C, mode):
+def ours_corda(W, C, mode, cache):
     W = W.clone()
-    init = corda_init(W, R, ALPHA / R, covariance=C, corda_method=mode)
+    init = corda_init(W, R, ALPHA / R, covariance=C, corda_method=mode, cache=cache)
     apply_residual(W, init.residual)
     return W, init.B, init.A
 
@@ -93,7 +95,7 @@ def _fp64_product(W, C, mode):
 
 def _providers(layers, mode):
     return {"peft": lambda: [peft_corda(W, C, mode) for W, C in layers],
-            "ours": lambda: [ours_corda(W, C, mode) for W, C in layers]}
+            "ours": lambda: (lambda cache: [ours_corda(W, C, mode, cache) for W, C in layers])({})}
 
 
 def _peak(fn) -> float:

@@ -342,4 +342,21 @@ def estimate_covariances(model: nn.Module, base_layers: list, lora_layers: list,
             raise ValueError(f"loram_fast: no input reached {name!r}; is the module part of the model's forward? "
                              "Leave it out of target_modules")
         sums[i].div_(counts[i])
-    return sums
+    return _shared_equal(sums)
+
+
+def _shared_equal(mats: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Equal matrices (layers that read the same input, e.g. q/k/v or gate/up) become one tensor, so per-covariance
+    work (CorDA's damping) runs once for them: a cheap fingerprint first, ``torch.equal`` to confirm."""
+    kept: dict = {}
+    out = []
+    for M in mats:
+        key = (tuple(M.shape), M.device, float(M.sum()), float(M.diagonal().sum()), float(M[0].sum()))
+        for other in kept.get(key, []):
+            if torch.equal(other, M):
+                M = other
+                break
+        else:
+            kept.setdefault(key, []).append(M)
+        out.append(M)
+    return out

@@ -289,7 +289,8 @@ def _corda_init(W, r, scaling, *, backend=None, bases=None, covariance=None, eig
     if covariance is None:
         raise ValueError("loram_fast.corda: no input covariance (init_model collects it from dataloader= or "
                          "run_model=)")
-    return _corda.corda_init(W, r, scaling, covariance=covariance, backend=backend, **_expand_corda(options))
+    return _corda.corda_init(W, r, scaling, covariance=covariance, backend=backend, cache=bases,
+                             **_expand_corda(options))
 
 
 def _eigens(name, value):

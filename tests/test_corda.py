@@ -199,3 +199,15 @@ def test_hook_take_over_of_peft_corda(llama_base, monkeypatch, mode):
     assert calls == ["corda"] * 6
     _compare(ours, theirs, 1e-6)
     assert not any(hasattr(m, "eigens") for m in ours.modules())
+
+
+def test_layers_reading_one_input_share_their_damping(llama_base, monkeypatch):
+    """q_proj and v_proj read the same hidden states: one covariance tensor and one damping loop for both (2
+    decoder layers × (q/v + down_proj) = 4 loops instead of 6), with peft's result (test_same_as_peft)."""
+    from loram_fast.methods import corda
+
+    calls = []
+    real = corda.damped_covariance
+    monkeypatch.setattr(corda, "damped_covariance", lambda C: calls.append(C) or real(C))
+    _ours(llama_base, "ipm", dataloader=_samples())
+    assert len(calls) == 4

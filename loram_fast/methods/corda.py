@@ -48,13 +48,21 @@ def damped_covariance(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def corda_init(W: torch.Tensor, r: int, scaling: float, *, covariance: torch.Tensor, corda_method: str = "ipm",
-               backend=None) -> LayerInit:
+               backend=None, cache: dict | None = None) -> LayerInit:
+    """The module docstring's init for one layer. ``cache``: a dict shared across layers; layers given the same
+    covariance tensor (``data.estimate_covariances`` shares equal ones) reuse its damping."""
     if covariance.shape != (W.shape[1], W.shape[1]):
         raise ValueError(f"loram_fast.corda: covariance of shape {tuple(covariance.shape)} for a weight with "
                          f"{W.shape[1]} inputs")
     if not bool(torch.isfinite(W).all()):
         raise ValueError("loram_fast.corda: the weight holds NaN or Inf values")
-    fixed, inverse = damped_covariance(covariance.to(W.device))
+    key = ("corda_damped", id(covariance), W.device)
+    if cache is not None and key in cache and cache[key][0] is covariance:
+        _, fixed, inverse = cache[key]
+    else:
+        fixed, inverse = damped_covariance(covariance.to(W.device))
+        if cache is not None:
+            cache[key] = (covariance, fixed, inverse)  # holds the covariance: its id stays unique
     if corda_method == "ipm":  # W C' through products (never formed unless the full-SVD fallback runs)
         U, S, Vh, _, _ = top_svd(RightProductOperator(W, fixed, backend=backend), r, backend=backend)
     else:
