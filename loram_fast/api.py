@@ -34,7 +34,8 @@ DATA_OPTIONS = {
 }
 # the data options each kind of data-driven method accepts
 _DATA_OF_KIND = {"gradient": ("dataloader", "loss_fn", "train_step", "gradient_mode", "sketch_rank", "max_batches"),
-                 "covariance": ("dataloader", "run_model", "max_batches")}
+                 "covariance": ("dataloader", "run_model", "max_batches"),
+                 "eva": ("dataloader", "max_batches")}
 CALL_OPTIONS = {
     "adapter_name": opt.adapter_name(), "progress": opt.boolean(), "rounded_residual": opt.boolean(),
     "allow_shared_base": opt.boolean(),
@@ -123,6 +124,27 @@ def _covariance_estimator(model, spec: Method, targets, data: dict, progress: bo
     return covariances
 
 
+def _eva_estimator(model, spec: Method, targets, data: dict, progress: bool, options: dict, config, adapter: str):
+    """A callable giving each layer's EVA statistics and rank (``data.estimate_eva``)."""
+    from .data import estimate_eva
+
+    if config is None:
+        raise ValueError("loram_fast: eva sets adapter ranks in the peft config: pass a PeftModel")
+    names = [t.name for t in targets]
+
+    def statistics():
+        start = time.perf_counter()
+        stats, ranks = estimate_eva(
+            model, [t.layer for t in targets], names, [t.r for t in targets], config_r=config.r,
+            rho=options.get("rho", 2.0), tau=options.get("tau", 0.99),
+            use_label_mask=options.get("use_label_mask", True), label_mask_value=options.get("label_mask_value", -100),
+            progress=progress, desc=f"loram_fast {spec.name}: input PCA", **data)
+        logger.info("loram_fast %s: input statistics in %.3f s", spec.name, time.perf_counter() - start)
+        return [{"eva": (*stats[n], ranks[n], t.layer.lora_alpha[adapter])} for n, t in zip(names, targets)]
+
+    return statistics
+
+
 def init_model(model: nn.Module, method: str = "loram", **kwargs) -> nn.Module:
     """Re-initialise every LoRA layer of ``adapter_name`` (default: the active adapter) with ``method``.
 
@@ -201,11 +223,14 @@ def init_model(model: nn.Module, method: str = "loram", **kwargs) -> nn.Module:
         if wrong:
             raise TypeError(f"loram_fast: method {spec.name!r} does not take {', '.join(wrong)}; its data options: "
                             f"{', '.join(_DATA_OF_KIND[spec.data_kind])}")
-    estimator = _covariance_estimator if spec.data_kind == "covariance" else _gradient_estimator
-    gradients = estimator(model, spec, targets, data, progress) if spec.needs_data else None
+    if spec.data_kind == "eva" and spec.needs_data:
+        gradients = _eva_estimator(model, spec, targets, data, progress, options, config, adapter)
+    else:
+        estimator = _covariance_estimator if spec.data_kind == "covariance" else _gradient_estimator
+        gradients = estimator(model, spec, targets, data, progress) if spec.needs_data else None
 
     record = format_init_string(spec.name, _recorded_options(spec, options, rounded_residual))
-    transaction = Transaction(adapter, config=config, record=record, rounded_residual=rounded_residual,
+    transaction = Transaction(adapter, config=config, record=record, rounded_residual=rounded_residual, model=model,
                               snapshot_device=call.get("snapshot_device"), backend=backend,
                               exact_rollback=call.get("exact_rollback", True))
     with fair_share():

@@ -360,3 +360,140 @@ def _shared_equal(mats: list[torch.Tensor]) -> list[torch.Tensor]:
             kept.setdefault(key, []).append(M)
         out.append(M)
     return out
+
+
+def _token_selection(batch, use_label_mask: bool, label_mask_value: int):
+    """peft's ``prepare_model_inputs_fn_language_modeling``: the (batch, position) indices EVA uses."""
+    if not isinstance(batch, Mapping) or "input_ids" not in batch:
+        raise TypeError("loram_fast: eva needs dict batches with input_ids (and optionally attention_mask, labels)")
+    mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
+    if use_label_mask and "labels" in batch:
+        mask = torch.logical_and(mask, batch["labels"] != label_mask_value)
+    return mask.nonzero()
+
+
+def estimate_eva(model: nn.Module, lora_layers: list, names: list[str], ranks: list[int], *, dataloader: Iterable,
+                 rho: float, tau: float, use_label_mask: bool, label_mask_value: int, config_r: int,
+                 max_batches: Optional[int] = None, progress: bool = False, desc: str = "loram_fast: eva"):
+    """EVA's statistics (``methods/eva.py``), as peft's ``get_eva_state_dict`` gathers them: returns
+    ``({name: (components, singular values)}, {name: rank})``. Layers whose inputs on the first batch are equal
+    share one PCA (peft hashes every input entry in Python; here a fingerprint computed on the device). Batches cycle until every layer has converged;
+    ``max_batches`` bounds the forward passes (then unconverged layers raise; peft loops forever)."""
+    from itertools import cycle
+
+    from tqdm.auto import tqdm
+
+    from .methods.eva import component_budget, rank_distribution
+    from .ops.ipca import IncrementalPCA
+
+    if not hasattr(dataloader, "__len__") or len(dataloader) == 0:
+        raise ValueError("loram_fast: eva needs a non-empty dataloader with a length (it cycles through it)")
+    max_dim = max(max(p.shape) for p in model.parameters() if p.dim() > 0)
+    keep = component_budget(dict(zip(names, ranks)), rho, config_r, max_dim)
+    budget = sum(ranks)
+    device = next(model.parameters()).device
+    state = {"select": None}
+
+    def prepared(x):
+        x = x[0] if isinstance(x, (tuple, list)) else x
+        return x[state["select"].T.unbind()]
+
+    # the first batch: which layers get equal inputs (peft hashes every entry in Python; here a fingerprint of the
+    # values: the shape, the fp64 sum, the sum of squares and a seeded random projection)
+    seen: dict = {}
+    leader_of: dict = {}
+    probes: dict = {}
+
+    def fingerprint(X: torch.Tensor) -> tuple:
+        Xd = X.detach().reshape(-1, X.shape[-1]).double()
+        if Xd.shape not in probes:
+            g = torch.Generator().manual_seed(12345)
+            probes[Xd.shape] = (torch.randn(Xd.shape[1], generator=g, dtype=torch.float64).to(Xd.device),
+                                torch.randn(Xd.shape[0], generator=g, dtype=torch.float64).to(Xd.device))
+        u, v = probes[Xd.shape]
+        return (tuple(X.shape), X.dtype, float(Xd.sum()), float(Xd.square().sum()), float((Xd @ u) @ v))
+
+    def identify(name):
+        def hook(module, inputs, output):
+            leader_of[name] = seen.setdefault(fingerprint(prepared(inputs)), name)
+        return hook
+
+    with _estimation_state(model, lora_layers, train=False), torch.no_grad():
+        first = _move(next(iter(dataloader)), device)
+        state["select"] = _token_selection(first, use_label_mask, label_mask_value)
+        handles = [layer.register_forward_hook(identify(n)) for n, layer in zip(names, lora_layers)]
+        try:
+            model(**first)
+        finally:
+            for h in handles:
+                h.remove()
+        shares = {n: leader_of[n] for n in names if leader_of.get(n, n) != n}
+        for group_leader in set(shares.values()):
+            group = [n for n in names if leader_of.get(n) == group_leader]
+            top = max(keep[n] for n in group)
+            for n in group:
+                keep[n] = top
+        leaders = [n for n in names if n not in shares]
+        pcas = {n: IncrementalPCA(keep[n], lowrank=True, lowrank_seed=42) for n in leaders}
+        converged = {n: torch.zeros(keep[n], dtype=torch.bool) for n in leaders}
+        layer_of = dict(zip(names, lora_layers))
+
+        def svd_step(name):
+            def hook(module, inputs, output):
+                X = prepared(inputs)
+                if X.dim() > 2:
+                    X = X.reshape(-1, X.shape[-1])
+                pca = pcas[name]
+                if X.shape[0] < pca.n_components:
+                    logger.warning("loram_fast eva: skipping a batch for %s: fewer than %d tokens", name,
+                                   pca.n_components)
+                    return
+                previous = None if pca.components_ is None else pca.components_.clone()
+                pca.partial_fit(X.to(torch.float32))
+                if previous is not None:
+                    sim = torch.nn.functional.cosine_similarity(pca.components_, previous)
+                    converged[name] = sim >= tau
+            return hook
+
+        handles = {n: layer_of[n].register_forward_hook(svd_step(n)) for n in leaders}
+        done = {n: False for n in leaders}
+        layer_pca = {**{n: n for n in leaders}, **shares}
+        rank = dict(keep)
+        bar = tqdm(desc=desc, unit="batch", disable=not progress, leave=False)
+        passes = 0
+        try:
+            for batch in cycle(dataloader):
+                batch = _move(batch, device)
+                state["select"] = _token_selection(batch, use_label_mask, label_mask_value)
+                for n in leaders:
+                    now = bool(torch.all(converged[n][: rank[n]]))
+                    if not done[n] and now and handles[n] is not None:
+                        handles[n].remove()
+                        handles[n] = None
+                        done[n] = True
+                    elif done[n] and not now:
+                        handles[n] = layer_of[n].register_forward_hook(svd_step(n))
+                        done[n] = False
+                if all(done.values()):
+                    break
+                if max_batches is not None and passes >= max_batches:
+                    late = [n for n in leaders if not done[n]]
+                    raise ValueError(f"loram_fast: eva: {len(late)} layer(s) did not converge within max_batches="
+                                     f"{max_batches} forward passes (tau={tau}), e.g. {late[0]!r}; pass more data, "
+                                     "a larger max_batches, or a lower tau")
+                model(**batch)
+                passes += 1
+                bar.update(1)
+                if all(pcas[n].components_ is not None for n in leaders):
+                    rank = rank_distribution({n: pcas[n].explained_variance_ratio_ for n in leaders}, layer_pca,
+                                             shares, budget, keep)
+        finally:
+            for h in handles.values():
+                if h is not None:
+                    h.remove()
+            bar.close()
+    for n in names:
+        if not bool(torch.all(converged[layer_pca[n]][: rank[n]])):
+            raise ValueError(f"loram_fast: eva: layer {n!r} has not converged but was given rank {rank[n]}")
+    logger.info("loram_fast eva: converged after %d forward passes", passes)
+    return {n: (pcas[layer_pca[n]].components_, pcas[layer_pca[n]].singular_values_) for n in names}, rank

@@ -19,7 +19,9 @@ from typing import Callable, Optional
 import torch
 
 from . import options as _opt
+from .methods.common import LayerInit
 from .methods import corda as _corda
+from .methods import eva as _eva
 from .methods import gradient as _gradient
 from .methods import loftq as _loftq
 from .methods import loram as _loram
@@ -38,7 +40,8 @@ class Method:
     check: Optional[Callable] = None  # (shape (out, in), r, **options) -> problem string or None
     layer_kinds: tuple = ("linear",)  # peft layer kinds supported: "linear", "embedding", "conv"
     needs_data: bool = False
-    data_kind: str = "gradient"  # what needs_data means: "gradient" (per-layer grad) or "covariance" (input covariance)
+    # what needs_data means: "gradient" (per-layer grad), "covariance" (input covariance) or "eva" (input PCA)
+    data_kind: str = "gradient"
     reference: str = ""  # where the published math comes from
     # optional batched form: (list of same-shaped W, r, list of scalings, **same kwargs) -> list of LayerInit
     init_batch: Optional[Callable] = None
@@ -306,6 +309,65 @@ register(Method(
     options={"corda_method": _opt.choice(*_corda.MODES), "corda_config": _corda_config, "eigens": _eigens},
     expand=_expand_corda,
     check=_corda.check_rank, reference="peft corda.py (preprocess_corda) + LoraLayer.corda_init; arXiv 2406.05223"))
+
+
+_EVA_CONFIG_FIELDS = ("rho", "tau", "use_label_mask", "label_mask_value", "whiten", "adjust_scaling_factors")
+
+
+def _expand_eva(options: dict) -> dict:
+    """``eva_config`` (peft's EvaConfig) fills the EVA options not passed."""
+    options = dict(options)
+    config = options.pop("eva_config", None)
+    if config is not None:
+        for key in _EVA_CONFIG_FIELDS:
+            options.setdefault(key, getattr(config, key))
+    return options
+
+
+def _eva_config(name, value):
+    if value is not None and not all(hasattr(value, key) for key in _EVA_CONFIG_FIELDS):
+        raise TypeError(f"loram_fast: option {name}={value!r}: expected peft's EvaConfig")
+    return value
+
+
+def _at_least_one(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 1:
+        raise ValueError(f"loram_fast: option {name}={value!r}: expected a number >= 1 (as peft's EvaConfig)")
+    return float(value)
+
+
+def _unit_interval(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"loram_fast: option {name}={value!r}: expected a number in (0, 1]")
+    return float(value)
+
+
+def _eva_init(W, r, scaling, *, backend=None, bases=None, eva=None, whiten=False, adjust_scaling_factors=True,
+              **estimator_options):
+    """``eva``: what the estimator found for this layer (components, singular values, rank, the layer's alpha)."""
+    if eva is None:
+        raise ValueError("loram_fast.eva: no input statistics (init_model collects them from dataloader=)")
+    components, singular_values, rank, alpha = eva
+    if rank == 0:
+        empty = torch.zeros(0, W.shape[1], device=W.device)
+        return LayerInit(A=empty, B=torch.zeros(W.shape[0], 0, device=W.device), scaling=scaling, rank=0,
+                         lora_alpha=alpha, owned=True)
+    if rank != r and adjust_scaling_factors:
+        alpha = alpha * rank / r
+    A = _eva.adapter_a(components, singular_values, rank, whiten).to(W.device)
+    return LayerInit(A=A, B=torch.zeros(W.shape[0], rank, device=W.device), scaling=scaling, rank=rank,
+                     lora_alpha=alpha, owned=True, unrounded=True)  # peft copies the fp32 components as they are
+
+
+register(Method(
+    name="eva", init=_eva_init, residual=False, needs_data=True, data_kind="eva", expand=_expand_eva,
+    description="EVA: A = principal components of each layer's inputs (incremental PCA until converged), B = 0, "
+                "ranks redistributed by explained variance (rho); W untouched",
+    options={"rho": _at_least_one, "tau": _unit_interval, "use_label_mask": _opt.boolean(),
+             "label_mask_value": _opt.integer(), "whiten": _opt.boolean(), "adjust_scaling_factors": _opt.boolean(),
+             "eva_config": _eva_config},
+    check=lambda shape, r, **o: None,
+    reference="peft eva.py (get_eva_state_dict, initialize_lora_eva_weights); arXiv 2410.07170"))
 
 
 def _orthogonal_init(W, r, scaling, *, backend=None, bases=None, seed=None):

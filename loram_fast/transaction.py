@@ -81,6 +81,7 @@ class Transaction:
     """
 
     def __init__(self, adapter: str, *, config=None, record: Optional[str] = None, rounded_residual: bool = False,
+                 model=None,
                  snapshot_device=None, backend=None, exact_rollback: bool = True):
         self.adapter = adapter
         # (process group, device) of the ranks that share sharded weights with this one: they vote before leaving
@@ -88,6 +89,8 @@ class Transaction:
         self.exact_rollback = exact_rollback
         self.config = config
         self.record = record
+        self.model = model  # the root the targets' names are relative to (needed to remove a LoRA layer)
+        self.layout: list = []  # (name, rank, lora_alpha, removed) of layers whose init set their rank
         self.rounded_residual = rounded_residual
         self.snapshot_device = snapshot_device
         self.backend = backend
@@ -193,12 +196,19 @@ class Transaction:
         layer = target.layer
         residual = self._residual(target, init)
         with torch.no_grad():
+            if init.rank is not None:
+                self.layout.append((target.name, init.rank, init.lora_alpha, init.rank == 0))
+                if init.rank == 0:
+                    self._remove_layer(target)
+                    return
             if residual is not None:
                 self._save_weight(target)
             trainable = self._adapter_trainable(layer)
+            if init.rank is not None and init.rank != layer.r[self.adapter]:
+                self._resize(layer, init.rank, init.lora_alpha)
             self._set_middle(layer, init.middle is not None)
             for name, value in init.adapters().items():
-                self._set_adapter(target, name, value, owned=init.owned)
+                self._set_adapter(target, name, value, owned=init.owned, unrounded=init.unrounded)
             self._set_frozen(layer, init.frozen, trainable)
             if residual is not None:
                 self._apply(target, residual, -1.0)
@@ -255,25 +265,101 @@ class Transaction:
         self._will(lambda: setattr(magnitude, "data", old))
         magnitude.data = norms.to(device=old.device, dtype=old.dtype)
 
+    def _resize(self, layer, rank: int, lora_alpha: float) -> None:
+        """Re-create this adapter of ``layer`` at ``rank`` with peft's ``update_layer`` (as peft's EVA does); undo
+        puts back every per-adapter entry (modules, r, alpha, scaling, ...) and every requires_grad flag."""
+        import copy as _copy
+
+        if self.config is None:
+            raise ValueError("loram_fast: changing an adapter's rank needs its peft config")
+        containers = [v for v in list(layer.__dict__.values()) + list(layer._modules.values())
+                      if isinstance(v, (dict, torch.nn.ModuleDict, torch.nn.ParameterDict))]
+        saved = [(c, c[self.adapter] if self.adapter in c else _MISSING) for c in containers]
+        flags = [(p, p.requires_grad) for p in layer.parameters()]
+
+        def undo():
+            for c, value in saved:
+                if value is _MISSING:
+                    if self.adapter in c:
+                        del c[self.adapter]
+                else:
+                    c[self.adapter] = value
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
+        self._will(undo)
+        config = _copy.copy(self.config)
+        config.init_lora_weights = True  # B = 0, A overwritten next (peft's EVA passes "eva": the same)
+        layer.update_layer(self.adapter, r=rank, lora_alpha=lora_alpha, config=config)
+
+    def _remove_layer(self, target: LoraTarget) -> None:
+        """Replace the LoRA layer by its base layer in its parent (peft's EVA for a layer given rank 0)."""
+        if self.model is None:
+            raise ValueError(f"loram_fast: removing the LoRA layer of {target.describe()} needs the model")
+        parent_name, _, child = target.name.rpartition(".")
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        layer = getattr(parent, child)
+        self._will(lambda: setattr(parent, child, layer))
+        setattr(parent, child, layer.get_base_layer())
+
     def commit_config(self) -> None:
-        """Record the method in the peft config (after every layer is written)."""
+        """Record the method in the peft config (after every layer is written); where an init set ranks, also the
+        config's rank_pattern, alpha_pattern and target_modules, as peft's EVA writes them."""
         if self.config is None or self.record is None:
             return
         old = self.config.init_lora_weights
         self._will(lambda: setattr(self.config, "init_lora_weights", old))
         self.config.init_lora_weights = self.record
+        if self.layout:
+            self._commit_layout()
+
+    def _commit_layout(self) -> None:
+        from peft.tuners.tuners_utils import _find_minimal_target_modules
+        from peft.utils.constants import MIN_TARGET_MODULES_FOR_OPTIMIZATION
+
+        config = self.config
+        prefix = "base_model.model."
+        rank_pattern, alpha_pattern, targets = {}, {}, []
+        for name, rank, alpha, removed in self.layout:
+            if removed:
+                continue
+            short = name.replace(prefix, "")
+            targets.append(short)
+            if rank != config.r:
+                rank_pattern[short] = rank
+            if alpha != config.lora_alpha:
+                alpha_pattern[short] = alpha
+        if len(targets) >= MIN_TARGET_MODULES_FOR_OPTIMIZATION and self.model is not None:
+            LoraLayer = type(self).lora_layer_type()
+            others = [n.replace(prefix, "") for n, m in self.model.named_modules() if not isinstance(m, LoraLayer)]
+            targets = _find_minimal_target_modules(targets, others)
+        old = (config.target_modules, config.rank_pattern, config.alpha_pattern)
+
+        def undo():
+            config.target_modules, config.rank_pattern, config.alpha_pattern = old
+
+        self._will(undo)
+        config.target_modules, config.rank_pattern, config.alpha_pattern = targets, rank_pattern, alpha_pattern
+
+    @staticmethod
+    def lora_layer_type():
+        from peft.tuners.lora import LoraLayer
+
+        return LoraLayer
 
     def _adapter_trainable(self, layer) -> bool:
         """Whether this adapter trains at all (any of its matrices requires grad): frozen adapters stay frozen."""
         return any(self.adapter in getattr(layer, name, {}) and getattr(layer, name)[self.adapter].weight.requires_grad
                    for name in ("lora_A", "lora_B", "lora_N"))
 
-    def _set_adapter(self, target: LoraTarget, name: str, value: torch.Tensor, owned: bool = False) -> None:
+    def _set_adapter(self, target: LoraTarget, name: str, value: torch.Tensor, owned: bool = False,
+                     unrounded: bool = False) -> None:
         param = getattr(target.layer, name)[self.adapter].weight
-        # rounded to the base weight's dtype (as the references store them), held in the parameter's own dtype,
-        # shape and device; a copy unless the method owns ``value`` outright (it may be a view of W, a cached basis or
-        # a factor a residual record keeps)
-        new = value.to(target.weight.dtype).to(device=param.device, dtype=param.dtype).reshape(param.shape)
+        # rounded to the base weight's dtype (as the references store them; ``unrounded``: not), held in the
+        # parameter's own dtype, shape and device; a copy unless the method owns ``value`` outright (it may be a view
+        # of W, a cached basis or a factor a residual record keeps)
+        rounded = value if unrounded else value.to(target.weight.dtype)
+        new = rounded.to(device=param.device, dtype=param.dtype).reshape(param.shape)
         if new.data_ptr() == value.data_ptr() and not owned:
             new = new.clone()
         data = param.data

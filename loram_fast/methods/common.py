@@ -23,7 +23,9 @@ class LayerInit:
     ``("lora_A", "lora_B")``). ``owned``: the method guarantees that A, B (and middle) are fresh tensors nothing
     else holds (not views of W, not cached, not in the residual), so the writer may store them without a copy.
     ``new_weight``: a replacement of W (out×in), e.g. LoftQ's dequantised weight; the original is not recoverable
-    from the model afterwards (exclusive with ``residual``)."""
+    from the model afterwards (exclusive with ``residual``). ``rank`` / ``lora_alpha``: the adapter is re-created at
+    that rank and alpha (peft's ``update_layer``) before A, B are stored; rank 0 replaces the LoRA layer by its base
+    layer."""
 
     A: torch.Tensor
     B: torch.Tensor
@@ -33,6 +35,10 @@ class LayerInit:
     frozen: tuple = ()
     owned: bool = False
     new_weight: Optional[torch.Tensor] = None
+    rank: Optional[int] = None  # the adapter's new rank (EVA's redistribution); 0 removes the LoRA layer
+    lora_alpha: Optional[float] = None  # with ``rank``: the adapter's lora_alpha at that rank
+    # A, B are stored as they are (EVA copies its fp32 components), not first rounded to the base weight's dtype
+    unrounded: bool = False
 
     def adapters(self) -> dict:
         """``{peft module name: matrix}`` to store."""
