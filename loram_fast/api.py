@@ -31,11 +31,18 @@ DATA_OPTIONS = {
     "dataloader": opt.iterable(), "loss_fn": opt.callable_(), "train_step": opt.callable_(),
     "gradient_mode": opt.choice("full", "sketch"), "sketch_rank": opt.integer(1),
     "max_batches": opt.integer(1, optional=True), "run_model": opt.callable_(),
+    "eva_cache_mib": lambda name, value: _non_negative(name, value),
 }
 # the data options each kind of data-driven method accepts
 _DATA_OF_KIND = {"gradient": ("dataloader", "loss_fn", "train_step", "gradient_mode", "sketch_rank", "max_batches"),
                  "covariance": ("dataloader", "run_model", "max_batches"),
-                 "eva": ("dataloader", "max_batches")}
+                 "eva": ("dataloader", "max_batches", "eva_cache_mib")}
+
+
+def _non_negative(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"loram_fast: option {name}={value!r}: expected a number >= 0")
+    return float(value)
 CALL_OPTIONS = {
     "adapter_name": opt.adapter_name(), "progress": opt.boolean(), "rounded_residual": opt.boolean(),
     "allow_shared_base": opt.boolean(),
@@ -138,7 +145,8 @@ def _eva_estimator(model, spec: Method, targets, data: dict, progress: bool, opt
             model, [t.layer for t in targets], names, [t.r for t in targets], config_r=config.r,
             rho=options.get("rho", 2.0), tau=options.get("tau", 0.99),
             use_label_mask=options.get("use_label_mask", True), label_mask_value=options.get("label_mask_value", -100),
-            progress=progress, desc=f"loram_fast {spec.name}: input PCA", **data)
+            progress=progress, desc=f"loram_fast {spec.name}: input PCA",
+            **{("cache_mib" if k == "eva_cache_mib" else k): v for k, v in data.items()})
         logger.info("loram_fast %s: input statistics in %.3f s", spec.name, time.perf_counter() - start)
         return [{"eva": (*stats[n], ranks[n], t.layer.lora_alpha[adapter])} for n, t in zip(names, targets)]
 
@@ -173,7 +181,9 @@ def init_model(model: nn.Module, method: str = "loram", **kwargs) -> nn.Module:
       optionally ``loss_fn=(model, batch) -> loss``, or ``train_step=callable``; ``gradient_mode="full"``
       (default) or ``"sketch"`` (never holds a full gradient; ``sketch_rank=`` sets its rank), ``max_batches=``.
       ``corda`` (input covariances, forward passes only): ``dataloader=`` (``model(**batch)``) or ``run_model=``
-      (peft's ``preprocess_corda`` callback), ``max_batches=``.
+      (peft's ``preprocess_corda`` callback), ``max_batches=``. ``eva``: ``dataloader=`` (cycled until converged),
+      ``max_batches=`` (a bound on the passes), ``eva_cache_mib=`` (layer inputs kept from the first cycle and
+      replayed instead of forward passes; default 1024, 0: forward passes every cycle, as peft).
 
     A second call on the same adapter first puts back the residual the first one wrote. The method and the options
     that change the result are recorded in ``model.peft_config[adapter].init_lora_weights``

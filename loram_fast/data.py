@@ -374,11 +374,14 @@ def _token_selection(batch, use_label_mask: bool, label_mask_value: int):
 
 def estimate_eva(model: nn.Module, lora_layers: list, names: list[str], ranks: list[int], *, dataloader: Iterable,
                  rho: float, tau: float, use_label_mask: bool, label_mask_value: int, config_r: int,
-                 max_batches: Optional[int] = None, progress: bool = False, desc: str = "loram_fast: eva"):
+                 max_batches: Optional[int] = None, cache_mib: float = 1024, progress: bool = False,
+                 desc: str = "loram_fast: eva"):
     """EVA's statistics (``methods/eva.py``), as peft's ``get_eva_state_dict`` gathers them: returns
     ``({name: (components, singular values)}, {name: rank})``. Layers whose inputs on the first batch are equal
     share one PCA (peft hashes every input entry in Python; here a fingerprint computed on the device). Batches cycle until every layer has converged;
-    ``max_batches`` bounds the forward passes (then unconverged layers raise; peft loops forever)."""
+    ``max_batches`` bounds the passes over a batch (then unconverged layers raise; peft loops forever). The layer
+    inputs of the first cycle are kept (up to ``cache_mib``) and replayed in later cycles without forward passes:
+    the same inputs in the same order per layer, so the same result as peft's repeated forward passes."""
     from itertools import cycle
 
     from tqdm.auto import tqdm
@@ -437,63 +440,80 @@ def estimate_eva(model: nn.Module, lora_layers: list, names: list[str], ranks: l
         pcas = {n: IncrementalPCA(keep[n], lowrank=True, lowrank_seed=42) for n in leaders}
         converged = {n: torch.zeros(keep[n], dtype=torch.bool) for n in leaders}
         layer_of = dict(zip(names, lora_layers))
+        active = {n: True for n in leaders}  # peft registers / removes a hook; here the hook checks this flag
+        # the layer inputs of the first cycle through the dataloader, replayed in later cycles instead of forward
+        # passes (the model does not change during EVA, so each batch's inputs are the same every cycle)
+        replay: dict = {"batches": [], "bytes": 0, "on": cache_mib > 0, "index": 0}
 
-        def svd_step(name):
+        def svd_update(name, X):
+            if X.dim() > 2:
+                X = X.reshape(-1, X.shape[-1])
+            pca = pcas[name]
+            if X.shape[0] < pca.n_components:
+                logger.warning("loram_fast eva: skipping a batch for %s: fewer than %d tokens", name, pca.n_components)
+                return
+            previous = None if pca.components_ is None else pca.components_.clone()
+            pca.partial_fit(X.to(torch.float32))
+            if previous is not None:
+                converged[name] = torch.nn.functional.cosine_similarity(pca.components_, previous) >= tau
+
+        def hook_for(name):
             def hook(module, inputs, output):
                 X = prepared(inputs)
-                if X.dim() > 2:
-                    X = X.reshape(-1, X.shape[-1])
-                pca = pcas[name]
-                if X.shape[0] < pca.n_components:
-                    logger.warning("loram_fast eva: skipping a batch for %s: fewer than %d tokens", name,
-                                   pca.n_components)
-                    return
-                previous = None if pca.components_ is None else pca.components_.clone()
-                pca.partial_fit(X.to(torch.float32))
-                if previous is not None:
-                    sim = torch.nn.functional.cosine_similarity(pca.components_, previous)
-                    converged[name] = sim >= tau
+                if replay["on"] and len(replay["batches"]) == replay["index"] + 1:  # the first cycle: keep them
+                    replay["bytes"] += X.numel() * X.element_size()
+                    if replay["bytes"] > cache_mib * 2**20:
+                        replay.update(on=False, batches=[])
+                    else:
+                        replay["batches"][-1][name] = X
+                if active[name]:
+                    svd_update(name, X)
             return hook
 
-        handles = {n: layer_of[n].register_forward_hook(svd_step(n)) for n in leaders}
-        done = {n: False for n in leaders}
+        handles = [layer_of[n].register_forward_hook(hook_for(n)) for n in leaders]
         layer_pca = {**{n: n for n in leaders}, **shares}
         rank = dict(keep)
         bar = tqdm(desc=desc, unit="batch", disable=not progress, leave=False)
-        passes = 0
+        passes = forwards = 0
         try:
-            for batch in cycle(dataloader):
-                batch = _move(batch, device)
-                state["select"] = _token_selection(batch, use_label_mask, label_mask_value)
+            for index, batch in enumerate(cycle(dataloader)):
+                index %= len(dataloader)
                 for n in leaders:
                     now = bool(torch.all(converged[n][: rank[n]]))
-                    if not done[n] and now and handles[n] is not None:
-                        handles[n].remove()
-                        handles[n] = None
-                        done[n] = True
-                    elif done[n] and not now:
-                        handles[n] = layer_of[n].register_forward_hook(svd_step(n))
-                        done[n] = False
-                if all(done.values()):
+                    if active[n] and now:
+                        active[n] = False
+                    elif not active[n] and not now:
+                        active[n] = True
+                if not any(active.values()):
                     break
                 if max_batches is not None and passes >= max_batches:
-                    late = [n for n in leaders if not done[n]]
+                    late = [n for n in leaders if active[n]]
                     raise ValueError(f"loram_fast: eva: {len(late)} layer(s) did not converge within max_batches="
                                      f"{max_batches} forward passes (tau={tau}), e.g. {late[0]!r}; pass more data, "
                                      "a larger max_batches, or a lower tau")
-                model(**batch)
+                if replay["on"] and passes >= len(dataloader):
+                    for n in leaders:  # each layer's PCA sees only its own inputs: the order does not matter
+                        if active[n]:
+                            svd_update(n, replay["batches"][index][n])
+                else:
+                    batch = _move(batch, device)
+                    state["select"] = _token_selection(batch, use_label_mask, label_mask_value)
+                    if replay["on"] and passes < len(dataloader):
+                        replay["index"] = index
+                        replay["batches"].append({})
+                    model(**batch)
+                    forwards += 1
                 passes += 1
                 bar.update(1)
                 if all(pcas[n].components_ is not None for n in leaders):
                     rank = rank_distribution({n: pcas[n].explained_variance_ratio_ for n in leaders}, layer_pca,
                                              shares, budget, keep)
         finally:
-            for h in handles.values():
-                if h is not None:
-                    h.remove()
+            for h in handles:
+                h.remove()
             bar.close()
     for n in names:
         if not bool(torch.all(converged[layer_pca[n]][: rank[n]])):
             raise ValueError(f"loram_fast: eva: layer {n!r} has not converged but was given rank {rank[n]}")
-    logger.info("loram_fast eva: converged after %d forward passes", passes)
+    logger.info("loram_fast eva: converged after %d passes over a batch (%d forward passes)", passes, forwards)
     return {n: (pcas[layer_pca[n]].components_, pcas[layer_pca[n]].singular_values_) for n in names}, rank

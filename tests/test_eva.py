@@ -125,3 +125,19 @@ def test_no_convergence_within_max_batches_changes_nothing(llama_base):
     with pytest.raises(TypeError, match="does not take loss_fn"):
         loram_fast.init_model(model, "eva", dataloader=_batches(), loss_fn=lambda m, b: 0, progress=False)
     assert_same(model, before)
+
+
+@pytest.mark.parametrize("cache_mib", [0, 0.05])
+def test_replayed_inputs_give_the_same_model(llama_base, cache_mib, caplog):
+    """Later cycles replay the first cycle's layer inputs instead of running the model: the same model as forward
+    passes every cycle (cache_mib=0, peft's way), and as a cache that overflows part way (0.05 MiB)."""
+    batches = _batches(n=4)
+    with caplog.at_level("INFO", logger="loram_fast"):
+        cached = _ours(llama_base, batches, rho=2.0, tau=0.95)
+    assert "forward passes)" in caplog.text
+    passes = int(caplog.text.split("converged after ")[1].split()[0])
+    forwards = int(caplog.text.split("batch (")[1].split()[0])
+    assert forwards == len(batches) < passes  # the replay really replaced forward passes
+    other = _ours(llama_base, batches, rho=2.0, tau=0.95, eva_cache_mib=cache_mib)
+    _assert_same_model(other, cached)
+    _assert_same_model(other, _peft_eva(llama_base, batches, rho=2.0, tau=0.95))
