@@ -56,11 +56,16 @@ def run(hidden=1024, layers=4, rank=16, alpha=32, dtype=torch.float32, methods=N
     # a few random token batches stand in for training data for the gradient-based methods
     g = torch.Generator().manual_seed(1)
     batches = [{"input_ids": (t := torch.randint(0, 1000, (2, 32), generator=g)), "labels": t} for _ in range(2)]
+    eva_batches = [{"input_ids": (t := torch.randint(0, 1000, (4, 64), generator=g)), "labels": t} for _ in range(8)]
     rows = []
     names = methods or [m.replace("<N>", "4") for m in available_methods()]
     for name in names:
         spec = get_method(name)
         data = {"dataloader": batches} if spec.needs_data else {}
+        if spec.data_kind == "eva" and spec.needs_data:
+            # EVA cycles its batches until the components converge: more varied data and a looser threshold keep
+            # the demo short
+            data = {"dataloader": eva_batches, "tau": 0.9}
         model = get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGETS))
         start = time.perf_counter()
         init_model(model, method=name, progress=False, **data)
@@ -87,7 +92,8 @@ def _note(spec) -> str:
         return "W replaced by its quantised form (output kept only with lora_alpha = r)"
     note = "residual in W" if spec.residual else "W untouched"
     if spec.needs_data:
-        note += f", {spec.data_kind} from 2 random batches"
+        note += (", input PCA of 8 random batches (tau 0.9)" if spec.data_kind == "eva"
+                 else f", {spec.data_kind} from 2 random batches")
     return note
 
 
