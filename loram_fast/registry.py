@@ -191,9 +191,7 @@ def _svd_method(name: str, which: str, niter: Optional[int], description: str, r
     def init_sharded(op, r, scaling, *, backend=None, bases=None, **options):
         return _svd.svd_init_sharded(op, r, scaling, niter=niter, backend=backend, **options)
 
-    options = {"oversample": _opt.integer(0)} if niter is not None else {}
-    if niter is None and which == "top":
-        options = {"solver": _opt.choice("iterative", "svd")}
+    options = {"oversample": _opt.integer(0)} if niter is not None else {"solver": _opt.choice("iterative", "svd")}
     # MiLoRA's minor components and pissa(solver="svd") need the full SVD of the whole weight
     sharded = init_sharded if which == "top" else None
     return Method(name=name, init=init, init_batch=init_batch, residual=True, description=description,
@@ -221,7 +219,8 @@ register(_svd_method("pissa", "top", None,
                      "split, residual in W",
                      "peft LoraLayer.pissa_init; arXiv 2404.02948"))
 register(_svd_method("milora", "bottom", None,
-                     "MiLoRA: the r smallest singular triplets (exact SVD), sqrt(S/s) split, residual in W",
+                     "MiLoRA: the r smallest singular triplets (shift-and-invert iteration or the full SVD), "
+                     "sqrt(S/s) split, residual in W",
                      "arXiv 2406.09044 (reproduction: svd_init.py, mode='min')"))
 register(_olora_method())
 register_pattern(r"pissa_niter_(\d+)", "pissa_niter_<N>", lambda m: _svd_method(
@@ -382,8 +381,11 @@ register(Method(name="orthogonal", residual=False, init=_orthogonal_init, check=
                             "W untouched",
                 reference="peft LoraLayer.orthogonal_init"))
 register(Method(name="mica", residual=False, check=_svd.check_rank,
-                init=lambda W, r, scaling, *, backend=None, bases=None: _svd.mica_init(W, r, scaling),
-                description="MiCA: B = the r minor left singular vectors (full SVD), A = 0, B frozen; W untouched",
+                options={"solver": _opt.choice("iterative", "svd")},
+                init=lambda W, r, scaling, *, backend=None, bases=None, solver="iterative": _svd.mica_init(
+                    W, r, scaling, solver),
+                description="MiCA: B = the r minor left singular vectors (shift-and-invert iteration or the full "
+                            "SVD), A = 0, B frozen; W untouched",
                 reference="peft LoraLayer.mica_init + MiCALinearVariant; arXiv 2604.01694"))
 
 

@@ -22,7 +22,7 @@ import torch
 from ..ops.matmul import matmul_f32
 from ..ops.rsvd import randomized_svd, randomized_svd_sharded
 from ..ops.threads import small_op
-from ..ops.topsvd import top_svd, top_svd_sharded
+from ..ops.topsvd import bottom_svd, top_svd, top_svd_sharded
 from .common import LayerInit, product_residual
 
 # fp32 bytes of one stacked batch: larger groups are processed in several batches
@@ -48,6 +48,11 @@ def svd_factors(W: torch.Tensor, r: int, scalings: torch.Tensor, *, which: str, 
     name = "pissa" if which == "top" else "milora"
     if niter is None and which == "top" and solver == "iterative":
         U, S, Vh, _, _ = top_svd(W, r, backend=backend)  # refuses NaN/Inf itself (on its sketch, no extra pass)
+    elif niter is None and which == "bottom" and solver == "iterative":
+        parts = [bottom_svd(w, r) for w in W.reshape(-1, *W.shape[-2:])]
+        U = torch.stack([p.U for p in parts]).reshape(*W.shape[:-2], W.shape[-2], r)
+        S = torch.stack([p.S for p in parts]).reshape(*W.shape[:-2], r)
+        Vh = torch.stack([p.Vh for p in parts]).reshape(*W.shape[:-2], r, W.shape[-1])
     elif niter is None:
         Wf = W.float()
         _check_finite(Wf, name)
@@ -139,13 +144,20 @@ def olora_init_sharded(op, r: int, scaling: float, *, backend=None, bases=None) 
     return _with_residual(A, Q, scaling)
 
 
-def mica_init(W: torch.Tensor, r: int, scaling: float) -> LayerInit:
+def mica_init(W: torch.Tensor, r: int, scaling: float, solver: str = "iterative") -> LayerInit:
     """MiCA (peft ``mica_init``, arXiv 2604.01694): ``B = U[:, -r:]``, the left singular vectors of the r smallest
-    singular values of W (full SVD in fp32, as peft), ``A = 0``, B frozen; W untouched (``B A = 0``)."""
-    Wf = W.float()
-    _check_finite(Wf, "mica")
-    U = torch.linalg.svd(Wf, full_matrices=False).U
-    B = U[:, -r:].contiguous()
+    singular values of W, ``A = 0``, B frozen; W untouched (``B A = 0``). ``solver="iterative"``:
+    :func:`~loram_fast.ops.topsvd.bottom_svd` (the same subspace, signs free); ``"svd"``: the full fp32 SVD, as
+    peft."""
+    if solver == "iterative":
+        try:
+            B = bottom_svd(W, r, need="U").U.contiguous()
+        except ValueError as exc:
+            raise ValueError(str(exc).replace("bottom_svd", "mica")) from exc
+    else:
+        Wf = W.float()
+        _check_finite(Wf, "mica")
+        B = torch.linalg.svd(Wf, full_matrices=False).U[:, -r:].contiguous()
     return LayerInit(A=torch.zeros(r, W.shape[1], device=W.device), B=B, scaling=scaling, frozen=("lora_B",))
 
 

@@ -97,10 +97,13 @@ def top_svd(A: torch.Tensor, r: int, *, tol: float | None = None, generator: tor
 
 
 def subspace_iteration(A, r: int, q: int, tol: float, max_passes: int, *, give_up: bool = False,
-                       generator: torch.Generator | None = None, backend=None, owner: str = "top_svd"):
+                       generator: torch.Generator | None = None, backend=None, owner: str = "top_svd",
+                       each: bool = False):
     """The loop of the module docstring with block q: ``(U, S, Vh, passes, converged)``, fp32. Stops when the
     residual test passes, after ``max_passes``, or (``give_up``) when the Ritz rate predicts more than
     ``max_passes`` passes or a pass stops improving; ``U, S, Vh`` are then the last estimate (None if none).
+    ``each``: every residual is measured against its own σ_i instead of σ_1 (``bottom_svd``: on ``R⁻¹`` the values
+    span the whole range of W's smallest ones).
     ``A``: a matrix, or a :class:`~loram_fast.ops.sharded.MatrixOperator` (a sharded weight: U then holds this
     rank's rows where the rows are sharded, Vh its columns where the columns are)."""
     op = A if isinstance(A, MatrixOperator) else MatrixOperator(A, A.shape[-2:], backend=backend)
@@ -124,7 +127,7 @@ def subspace_iteration(A, r: int, q: int, tol: float, max_passes: int, *, give_u
         AV = Y @ Vr
         res = op.col_norms(AV - U * S[..., None, :r], "m")  # (..., r)
         best = (U, S[..., :r], (Q2 @ Vr).mT)
-        worst = float((res / (tol * S[..., :1])).max())
+        worst = float((res / (tol * (S[..., :r] if each else S[..., :1]))).max())
         if worst <= 1.0:
             return (*best, passes, True)
         # passes still needed to bring the residual down to tol·σ_1
@@ -181,3 +184,116 @@ def top_svd_sharded(op: MatrixOperator, r: int, *, tol: float | None = None,
                          "solver (pissa_niter_<N> for PiSSA, solver='rsvd' for the gradient inits), or "
                          "init_model(..., gather_full_weights=True)")
     return U, S, Vh
+
+
+class _InverseTriangular(MatrixOperator):
+    """``R⁻¹`` for an upper-triangular R (k×k, fp32) through triangular solves: ``R⁻¹ X`` and ``Yᵀ R⁻¹``."""
+
+    def __init__(self, R: torch.Tensor):
+        super().__init__(R, R.shape, None, None)
+
+    def mm(self, X: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.solve_triangular(self.local, X, upper=True)
+
+    def tmm(self, Y: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.solve_triangular(self.local.mT, Y, upper=False).mT
+
+    def sketch(self, q: int, generator, owner: str) -> torch.Tensor:
+        if generator is None:
+            generator = torch.Generator(device=self.device).manual_seed(0)
+        Y = self.mm(torch.randn(self.shape[1], q, generator=generator, device=self.device, dtype=torch.float32))
+        if not bool(torch.isfinite(Y).all()):
+            raise ValueError(f"loram_fast.{owner}: the weight is singular to fp32 precision")
+        return Y
+
+
+class BottomSVD(NamedTuple):
+    U: torch.Tensor   # (m, r) fp32, or None when not asked for
+    S: torch.Tensor   # (r,) fp32, descending (as the last r of a full SVD)
+    Vh: torch.Tensor  # (r, n) fp32, or None when not asked for
+    passes: int
+    fallback: bool
+
+
+def bottom_svd(W: torch.Tensor, r: int, *, tol: float | None = None, need: str = "both",
+               generator: torch.Generator | None = None) -> BottomSVD:
+    """The r smallest singular triplets of W (m×n; the last r of ``torch.linalg.svd(W, full_matrices=False)``),
+    without a full SVD of W where iterating pays.
+
+    W (or Wᵀ, whichever is taller) = Q R with R k×k (k = min(m, n)); the smallest singular values of W are those of
+    R, and the largest of ``R⁻¹``, whose top-r triplets come from :func:`subspace_iteration` with two triangular
+    solves per pass (shift-and-invert at shift 0) and the module's a-posteriori test on ``R⁻¹``. A flat bottom
+    spectrum, which iteration would not resolve within the cost of a full SVD, falls back after a pass or two to the
+    full SVD (of R for a wide W, where that is cheaper than W's own; of W otherwise): then up to ~10 % slower than
+    the SVD alone (the QR of R and the passes). ``need``: "U", "Vh" or "both" (Q is formed only where needed).
+    """
+    if need not in ("U", "Vh", "both"):
+        raise ValueError(f"loram_fast.bottom_svd: need must be 'U', 'Vh' or 'both', got {need!r}")
+    m, n = W.shape
+    k = min(m, n)
+    if not isinstance(r, int) or not 1 <= r <= k:
+        raise ValueError(f"loram_fast.bottom_svd: rank must be an integer in [1, {k}], got {r!r}")
+    Wf = W.float()
+    if not bool(torch.isfinite(Wf).all()):
+        raise ValueError("loram_fast.bottom_svd: the input holds NaN or Inf values")
+    q = min(max(2 * r, r + 16), k)
+    if k <= 4 * q:  # small: the full SVD at once (as top_svd)
+        U_all, S_all, Vh_all = torch.linalg.svd(Wf, full_matrices=False)
+        return BottomSVD(U_all[:, -r:] if need != "Vh" else None, S_all[-r:],
+                         Vh_all[-r:] if need != "U" else None, 0, True)
+    # the taller orientation (a square W: the one whose needed side comes without Q)
+    transposed = m < n or (m == n and need == "U")
+    tall = Wf.mT if transposed else Wf  # = Q R
+    # tall = W: U_W = Q U_R, V_W = V_R;  tall = Wᵀ: U_W = V_R, V_W = Q U_R
+    need_q = need in ("both", "Vh") if transposed else need in ("both", "U")
+    R = torch.linalg.qr(tall, mode="r")[1]  # Q (which costs as much again) only once it is known to be needed
+    tol = default_tol(m, n) if tol is None else tol
+    passes, converged = 0, False
+    if bool((R.diagonal().abs() > 0).all()):
+        Vi, Si, Uih, passes, converged = subspace_iteration(_InverseTriangular(R), r, q, tol,
+                                                            _bottom_budget(m, n, k, q), give_up=True,
+                                                            generator=generator, owner="bottom_svd")
+    if converged:
+        # R⁻¹ = V_R Σ⁻¹ U_Rᵀ: its top triplets are R's bottom ones, the smallest first; reverse to descending
+        S = (1.0 / Si).flip(-1)
+        U_R, V_R = Uih.mT.flip(-1), Vi.flip(-1)
+        # the test above is relative to R⁻¹'s largest value; accept only what also meets a full SVD's backward
+        # error in W's own terms: every ‖R v_i − σ_i u_i‖ ≤ 8·eps·σ_1 (σ_1 from a few power steps on R)
+        converged = bool(torch.linalg.vector_norm(R @ V_R - U_R * S, dim=0).max()
+                         <= 8 * torch.finfo(torch.float32).eps * _largest_singular_value(R, generator))
+    if converged:
+        pass
+    elif not transposed or 5 * k >= 4 * max(m, n):
+        # tall or near-square W: LAPACK's SVD of W costs no more than R's (it factors a tall W by QR first) and
+        # needs no Q; only for a wide W is the SVD of R (k×k) the cheaper one
+        U_all, S_all, Vh_all = torch.linalg.svd(Wf, full_matrices=False)
+        return BottomSVD(U_all[:, -r:] if need != "Vh" else None, S_all[-r:],
+                         Vh_all[-r:] if need != "U" else None, passes, True)
+    else:
+        U_R_all, S_all, Vh_R_all = torch.linalg.svd(R, full_matrices=False)
+        U_R, S, V_R = U_R_all[:, -r:], S_all[-r:], Vh_R_all[-r:].mT
+    QU = torch.linalg.qr(tall)[0] @ U_R if need_q else None
+    if transposed:
+        U = V_R.contiguous() if need != "Vh" else None
+        Vh = QU.mT.contiguous() if need != "U" else None
+    else:
+        U = QU if need != "Vh" else None
+        Vh = V_R.mT.contiguous() if need != "U" else None
+    return BottomSVD(U, S.contiguous(), Vh, passes, not converged)
+
+
+def _largest_singular_value(R: torch.Tensor, generator, steps: int = 6) -> float:
+    """σ_1 of R from a few power steps (a lower bound, within a few percent)."""
+    g = generator if generator is not None else torch.Generator(device=R.device).manual_seed(1)
+    x = torch.randn(R.shape[1], 1, generator=g, device=R.device)
+    for _ in range(steps):
+        x = R.mT @ (R @ x)
+        x /= x.norm()
+    return float((R @ x).norm())
+
+
+def _bottom_budget(m: int, n: int, k: int, q: int) -> int:
+    """Passes (two k×k triangular solves with q columns: 2·k²·q flops) that cost about a full SVD of R (~ 12·k³
+    flops): triangular solves run at a few times lower flop rate than LAPACK's SVD, hence the factor 4."""
+    return max(3, int(12 * k ** 3 / (2 * k * k * q) / 4))
+
