@@ -33,7 +33,8 @@ def install(take_over_peft_inits: bool = False) -> None:
     ``"orthogonal"``, ``"loftq"`` and ``"corda"`` through loram_fast (same results; exact PiSSA without a full SVD, our randomized
     SVD with oversampling, panel QR; MiCA and orthogonal as peft computes them; LoftQ on any device with
     bitsandbytes' quantisers, no bitsandbytes needed; CorDA from the eigens of peft's ``preprocess_corda``; in one
-    transaction). Off by
+    transaction), and peft's ``initialize_lora_eva_weights`` through ``init_model(model, "eva")`` (its exported
+    names are patched: call it as ``peft.initialize_lora_eva_weights`` or import it after installing). Off by
     default: peft's own methods stay peft's. Quantized (bitsandbytes) weights still go to peft's code."""
     from peft.tuners.lora import LoraLayer
     from peft.tuners.tuners_utils import BaseTuner
@@ -181,8 +182,45 @@ def _take_over(LoraLayer) -> None:
     # peft's embedding and conv layers call loftq_init without the config (and fail there); ours names the layer kind
     route("loftq_init", lambda layer, config=None: ("loftq", {} if config is None else {
         "loftq_config": dict(config.loftq_config)}))
+    _take_over_eva()
     # CorDA: the eigens that peft's preprocess_corda stored on the base layer (consumed, as peft deletes them)
     route("corda_init", lambda layer, init_lora_weights: ("corda", {"eigens": _take_eigens(layer)}))
+
+
+_EVA_HOMES = ("peft", "peft.tuners", "peft.tuners.lora", "peft.tuners.lora.eva")
+
+
+def _take_over_eva() -> None:
+    """peft's ``initialize_lora_eva_weights`` (its data step for ``init_lora_weights="eva"``) runs
+    ``init_model(model, "eva", ...)`` with the adapter's EvaConfig, when called with peft's default input functions
+    and no precomputed state dict (anything else stays peft's). Patched where peft exports it."""
+    import importlib
+    import inspect
+
+    def make(original):
+        signature = inspect.signature(original)
+
+        def initialize_lora_eva_weights(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            a = bound.arguments
+            custom = [name for name in ("forward_fn", "prepare_model_inputs_fn", "prepare_layer_inputs_fn")
+                      if a[name] is not signature.parameters[name].default]
+            model, adapter = a["model"], a["adapter_name"]
+            config = getattr(model, "peft_config", {}).get(adapter)
+            if custom or a["eva_state_dict"] is not None or a["dataloader"] is None or config is None or \
+                    getattr(config, "init_lora_weights", None) != "eva":
+                return original(*args, **kwargs)
+            from .api import init_model
+
+            eva = config.eva_config
+            return init_model(model, "eva", dataloader=a["dataloader"], adapter_name=adapter,
+                              progress=bool(a["show_progress_bar"]), **({} if eva is None else {"eva_config": eva}))
+
+        return initialize_lora_eva_weights
+
+    for home in _EVA_HOMES:
+        patch(importlib.import_module(home), "initialize_lora_eva_weights", make)
 
 
 def _take_eigens(layer):
@@ -202,6 +240,10 @@ def uninstall() -> None:
 
     from .peft_variant import uninstall_delta_weight
 
+    import importlib
+
+    for home in _EVA_HOMES:
+        unpatch(importlib.import_module(home), "initialize_lora_eva_weights")
     for owner, attr in ((LoraLayer, "reset_lora_parameters"), (LoraLayer, "pissa_init"), (LoraLayer, "olora_init"),
                         (LoraLayer, "mica_init"), (LoraLayer, "orthogonal_init"),
                         (LoraLayer, "loftq_init"), (LoraLayer, "corda_init"), (BaseTuner, "inject_adapter")):

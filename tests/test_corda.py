@@ -211,3 +211,22 @@ def test_layers_reading_one_input_share_their_damping(llama_base, monkeypatch):
     monkeypatch.setattr(corda, "damped_covariance", lambda C: calls.append(C) or real(C))
     _ours(llama_base, "ipm", dataloader=_samples())
     assert len(calls) == 4
+
+
+def test_reload_onto_a_base_that_holds_the_residual(llama_base, tokens, tmp_path):
+    """As for LoRA-GA: save the residual base with the adapter, reload with residual_base_config: the same model."""
+    from loram_fast.peft_hook import residual_base_config
+    from conftest import perturb_adapters
+
+    model = _ours(llama_base, "ipm", dataloader=_samples())
+    perturb_adapters(model, seed=5)
+    trained = logits(model, tokens)
+    model.save_pretrained(tmp_path / "adapter")
+    residual_base = copy.deepcopy(model.get_base_model())
+    for name, module in list(residual_base.named_modules()):  # the base as it is now: the LoRA layers' base layers
+        for child_name, child in list(module.named_children()):
+            if hasattr(child, "base_layer"):
+                setattr(module, child_name, child.base_layer)
+    loaded = PeftModel.from_pretrained(residual_base, tmp_path / "adapter",
+                                       config=residual_base_config(str(tmp_path / "adapter")))
+    assert relative_error(logits(loaded, tokens), trained) <= 1e-6

@@ -141,3 +141,29 @@ def test_replayed_inputs_give_the_same_model(llama_base, cache_mib, caplog):
     other = _ours(llama_base, batches, rho=2.0, tau=0.95, eva_cache_mib=cache_mib)
     _assert_same_model(other, cached)
     _assert_same_model(other, _peft_eva(llama_base, batches, rho=2.0, tau=0.95))
+
+
+def test_take_over_routes_peft_initialize_lora_eva_weights(llama_base, monkeypatch):
+    """With the take-over, peft's own EVA flow (LoraConfig("eva") + peft.initialize_lora_eva_weights) runs
+    init_model (a spy proves it) and gives peft's model; uninstalling restores peft's function."""
+    import peft
+    from loram_fast import peft_hook
+
+    batches = _batches()
+    theirs = _peft_eva(llama_base, batches, rho=2.0, tau=0.9)
+    calls = []
+    real = loram_fast.api.init_model
+    monkeypatch.setattr(loram_fast.api, "init_model", lambda *a, **k: (calls.append(a[1]), real(*a, **k))[1])
+    original = peft.initialize_lora_eva_weights
+    peft_hook.install(take_over_peft_inits=True)
+    try:
+        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="eva",
+                         eva_config=EvaConfig(rho=2.0, tau=0.9))
+        model = get_peft_model(copy.deepcopy(llama_base), cfg)
+        peft.initialize_lora_eva_weights(model, dataloader=batches, show_progress_bar=False)
+    finally:
+        peft_hook.uninstall()
+        peft_hook.install()
+    assert calls == ["eva"]
+    assert peft.initialize_lora_eva_weights is original
+    _assert_same_model(model, theirs)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import time
 
 import torch
 
@@ -34,11 +35,20 @@ def small_op(device="cpu"):
     return _num_threads(1 if torch.device(device).type == "cpu" else torch.get_num_threads())
 
 
+_LAST_SAMPLE: list = [-1.0, None]  # (time.monotonic() of the reading, the reading)
+SAMPLE_TTL_S = 0.25  # a reading this fresh is reused (the hook initialises layer after layer within milliseconds)
+
+
 def _runnable_elsewhere() -> int | None:
     """Threads of other processes that are runnable right now, or None where that is not known: the least of three
-    samples (this process's own OpenMP workers may stop spinning between the two reads of one sample)."""
+    samples (this process's own OpenMP workers may stop spinning between the two reads of one sample); a reading
+    younger than ``SAMPLE_TTL_S`` is reused."""
+    now = time.monotonic()
+    if now - _LAST_SAMPLE[0] < SAMPLE_TTL_S:
+        return _LAST_SAMPLE[1]
     samples = [_sample() for _ in range(3)]
-    return None if None in samples else min(samples)
+    _LAST_SAMPLE[:] = [now, None if None in samples else min(samples)]
+    return _LAST_SAMPLE[1]
 
 
 def _sample() -> int | None:
