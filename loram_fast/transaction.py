@@ -314,6 +314,7 @@ class Transaction:
             self._commit_layout()
 
     def _commit_layout(self) -> None:
+        from peft.tuners.lora import LoraLayer
         from peft.tuners.tuners_utils import _find_minimal_target_modules
         from peft.utils.constants import MIN_TARGET_MODULES_FOR_OPTIMIZATION
 
@@ -330,7 +331,6 @@ class Transaction:
             if alpha != config.lora_alpha:
                 alpha_pattern[short] = alpha
         if len(targets) >= MIN_TARGET_MODULES_FOR_OPTIMIZATION and self.model is not None:
-            LoraLayer = type(self).lora_layer_type()
             others = [n.replace(prefix, "") for n, m in self.model.named_modules() if not isinstance(m, LoraLayer)]
             targets = _find_minimal_target_modules(targets, others)
         old = (config.target_modules, config.rank_pattern, config.alpha_pattern)
@@ -340,12 +340,6 @@ class Transaction:
 
         self._will(undo)
         config.target_modules, config.rank_pattern, config.alpha_pattern = targets, rank_pattern, alpha_pattern
-
-    @staticmethod
-    def lora_layer_type():
-        from peft.tuners.lora import LoraLayer
-
-        return LoraLayer
 
     def _adapter_trainable(self, layer) -> bool:
         """Whether this adapter trains at all (any of its matrices requires grad): frozen adapters stay frozen."""

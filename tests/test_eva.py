@@ -167,3 +167,22 @@ def test_take_over_routes_peft_initialize_lora_eva_weights(llama_base, monkeypat
     assert calls == ["eva"]
     assert peft.initialize_lora_eva_weights is original
     _assert_same_model(model, theirs)
+
+
+def test_many_targets_get_peft_minimal_target_modules():
+    """21 LoRA layers (over peft's threshold of 20): target_modules are written in peft's minimal form."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=176, num_hidden_layers=3,
+                                        num_attention_heads=4, num_key_value_heads=2)).eval()
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    batches = _batches()
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights="eva",
+                     eva_config=EvaConfig(rho=1.0, tau=0.9))
+    theirs = get_peft_model(copy.deepcopy(base), cfg)
+    initialize_lora_eva_weights(theirs, dataloader=batches, show_progress_bar=False)
+    ours = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    loram_fast.init_model(ours, "eva", dataloader=batches, rho=1.0, tau=0.9, progress=False)
+    assert len(ours.peft_config["default"].target_modules) < 21  # the minimal form, not 21 names
+    _assert_same_model(ours, theirs)
