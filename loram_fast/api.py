@@ -19,7 +19,7 @@ from . import options as opt
 from .compute import compute_and_write
 from .ops.dispatch import BACKENDS
 from .ops.threads import fair_share
-from .registry import Method, format_init_string, get_method, lora_ga_options, parse_init_string
+from .registry import Method, format_init_string, get_method, parse_init_string
 from .targets import (default_adapter, find_lora_layers, other_weight_users, shared_base_error, validate,
                       writes_peft_residual)
 from .transaction import Transaction, residual_record
@@ -61,7 +61,7 @@ def _device(name, value):
 
 def _recorded_options(method: Method, options: dict, rounded_residual: bool) -> dict:
     """The options that change the result, for the init string recorded in the peft config."""
-    options = lora_ga_options(**options)
+    options = dict(options)
     if rounded_residual and method.writes_residual(options):
         options["rounded_residual"] = True
     return options

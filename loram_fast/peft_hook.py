@@ -138,6 +138,8 @@ def init_layer(layer, adapter_name: str, method: str, **options) -> None:
     spec = get_method(method)
     rounded = bool(options.pop("rounded_residual", False))
     options = opt.validate(options, spec.options, f"method {spec.name!r}")
+    if spec.expand is not None:
+        options = spec.expand(options)
     with _gathered(layer):  # under DeepSpeed ZeRO-3 the whole weight exists only inside this block
         target = make_target(layer, adapter_name)
         validate(spec, target, adapter_name, options, in_init_model=False)

@@ -51,7 +51,8 @@ class Method:
     init_sharded: Optional[Callable] = None
     check_sharded: Optional[Callable] = None  # (**options) -> why these options need the whole weight, or None
     replaces_weight: bool = False  # the init replaces the base weight (LoftQ), with no inverse
-    # folds a peft config object among the options (e.g. loftq_config) into plain options that can be recorded
+    # folds a peft config object among the options (e.g. loftq_config) into plain options that can be recorded;
+    # applied once, after validation, by init_model and the hook (the init functions see plain options only)
     expand: Optional[Callable] = None
 
     def writes_residual(self, options: dict) -> bool:
@@ -234,11 +235,13 @@ def _lora_ga_config(name, value):
     return value
 
 
-def lora_ga_options(lora_ga_config=None, **options) -> dict:
-    """``options`` with the fields of peft's ``LoraGAConfig`` (when given) filled in where not passed."""
-    if lora_ga_config is not None:
+def _expand_lora_ga(options: dict) -> dict:
+    """``lora_ga_config`` (peft's LoraGAConfig) fills the fields not passed."""
+    options = dict(options)
+    config = options.pop("lora_ga_config", None)
+    if config is not None:
         for key in ("direction", "scale", "stable_gamma"):
-            options.setdefault(key, getattr(lora_ga_config, key))
+            options.setdefault(key, getattr(config, key))
     return options
 
 
@@ -247,7 +250,7 @@ def _lora_one_init(W, r, scaling, *, backend=None, bases=None, stored_rows=None,
 
 
 def _lora_ga_init(W, r, scaling, *, backend=None, bases=None, **o):
-    return _gradient.lora_ga_init(W, r, scaling, backend=backend, **lora_ga_options(**o))
+    return _gradient.lora_ga_init(W, r, scaling, backend=backend, **o)
 
 
 # the gradient inits take a sharded weight's operator for W and a sharded (or sketched) gradient as they are
@@ -260,7 +263,7 @@ register(Method(
     check=_gradient.check_rank,
     reference="YuanheZ/LoRA-One run_exp.py (direction LoRA-One); arXiv 2502.01235"))
 register(Method(
-    name="lora_ga", init=_lora_ga_init, init_sharded=_lora_ga_init,
+    name="lora_ga", init=_lora_ga_init, init_sharded=_lora_ga_init, expand=_expand_lora_ga,
     residual=True, needs_data=True,
     description="LoRA-GA (peft's): top-2r gradient SVD split between A and B, scaled; residual in W",
     options={"direction": _opt.choice(*_gradient.LORA_GA_DIRECTIONS), "scale": _opt.choice(*_gradient.LORA_GA_SCALES),
@@ -291,8 +294,7 @@ def _corda_init(W, r, scaling, *, backend=None, bases=None, covariance=None, eig
     if covariance is None:
         raise ValueError("loram_fast.corda: no input covariance (init_model collects it from dataloader= or "
                          "run_model=)")
-    return _corda.corda_init(W, r, scaling, covariance=covariance, backend=backend, cache=bases,
-                             **_expand_corda(options))
+    return _corda.corda_init(W, r, scaling, covariance=covariance, backend=backend, cache=bases, **options)
 
 
 def _eigens(name, value):
@@ -412,7 +414,7 @@ def _expand_loftq(options: dict) -> dict:
 
 
 def _loftq_init(W, r, scaling, *, backend=None, bases=None, **options):
-    return _loftq.loftq_init(W, r, scaling, backend=backend, **_expand_loftq(options))
+    return _loftq.loftq_init(W, r, scaling, backend=backend, **options)
 
 
 register(Method(name="loftq", residual=True, replaces_weight=True, init=_loftq_init, check=_loftq.check_rank,
