@@ -31,18 +31,12 @@ DATA_OPTIONS = {
     "dataloader": opt.iterable(), "loss_fn": opt.callable_(), "train_step": opt.callable_(),
     "gradient_mode": opt.choice("full", "sketch"), "sketch_rank": opt.integer(1),
     "max_batches": opt.integer(1, optional=True), "run_model": opt.callable_(),
-    "eva_cache_mib": lambda name, value: _non_negative(name, value),
+    "eva_cache_mib": opt.real_in(lambda v: v >= 0, "a number >= 0"),
 }
 # the data options each kind of data-driven method accepts
 _DATA_OF_KIND = {"gradient": ("dataloader", "loss_fn", "train_step", "gradient_mode", "sketch_rank", "max_batches"),
                  "covariance": ("dataloader", "run_model", "max_batches"),
                  "eva": ("dataloader", "max_batches", "eva_cache_mib")}
-
-
-def _non_negative(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"loram_fast: option {name}={value!r}: expected a number >= 0")
-    return float(value)
 CALL_OPTIONS = {
     "adapter_name": opt.adapter_name(), "progress": opt.boolean(), "rounded_residual": opt.boolean(),
     "allow_shared_base": opt.boolean(),

@@ -64,6 +64,28 @@ def choice(*values) -> Validator:
     return check
 
 
+def real_in(accept: Callable[[float], bool], expected: str) -> Validator:
+    """A number (not a bool) for which ``accept`` holds, returned as float; ``expected`` says what is valid."""
+
+    def check(name, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not accept(value):
+            raise ValueError(f"{_where(name)}{value!r}: expected {expected}")
+        return float(value)
+
+    return check
+
+
+def peft_config(kind: str, *fields: str, allow_dict: bool = False) -> Validator:
+    """An optional peft config object of class ``kind``: None, anything with ``fields`` (or, ``allow_dict``, a dict)."""
+
+    def check(name, value):
+        if value is None or (allow_dict and isinstance(value, dict)) or all(hasattr(value, f) for f in fields):
+            return value
+        raise TypeError(f"{_where(name)}{value!r}: expected peft's {kind}" + (" or its dict" if allow_dict else ""))
+
+    return check
+
+
 def int_choice(*values: int) -> Validator:
     def check(name, value):
         if isinstance(value, bool) or not isinstance(value, int) or value not in values:

@@ -229,12 +229,6 @@ register_pattern(r"pissa_niter_(\d+)", "pissa_niter_<N>", lambda m: _svd_method(
     "PiSSA on loram_fast.randomized_svd with N power iterations and oversampling", "peft LoraLayer.pissa_init"))
 
 
-def _lora_ga_config(name, value):
-    if value is not None and not all(hasattr(value, key) for key in ("direction", "scale", "stable_gamma")):
-        raise TypeError(f"loram_fast: option {name}={value!r}: expected peft's LoraGAConfig")
-    return value
-
-
 def _expand_lora_ga(options: dict) -> dict:
     """``lora_ga_config`` (peft's LoraGAConfig) fills the fields not passed."""
     options = dict(options)
@@ -268,15 +262,9 @@ register(Method(
     description="LoRA-GA (peft's): top-2r gradient SVD split between A and B, scaled; residual in W",
     options={"direction": _opt.choice(*_gradient.LORA_GA_DIRECTIONS), "scale": _opt.choice(*_gradient.LORA_GA_SCALES),
              "stable_gamma": _opt.positive_real(), "solver": _opt.choice(*_gradient.SOLVERS),
-             "stable_dim": _opt.choice("stored", "out"), "lora_ga_config": _lora_ga_config},
+             "stable_dim": _opt.choice("stored", "out"), "lora_ga_config": _opt.peft_config("LoraGAConfig", "direction", "scale", "stable_gamma")},
     check=lambda shape, r, **o: _gradient.check_lora_ga_rank(shape, r),
     reference="peft LoraLayer.lora_ga_init + loraga.py; arXiv 2407.05000"))
-
-
-def _corda_config(name, value):
-    if value is not None and not hasattr(value, "corda_method"):
-        raise TypeError(f"loram_fast: option {name}={value!r}: expected peft's CordaConfig")
-    return value
 
 
 def _expand_corda(options: dict) -> dict:
@@ -307,7 +295,8 @@ register(Method(
     name="corda", init=_corda_init, residual=True, needs_data=True, data_kind="covariance",
     description="CorDA: SVD of W·C (C: damped input covariance from data), the r largest (ipm) or smallest (kpm) "
                 "triplets, V whitened by inv(C), sqrt(S/s) split; residual in W",
-    options={"corda_method": _opt.choice(*_corda.MODES), "corda_config": _corda_config, "eigens": _eigens},
+    options={"corda_method": _opt.choice(*_corda.MODES), "corda_config": _opt.peft_config("CordaConfig", "corda_method"),
+             "eigens": _eigens},
     expand=_expand_corda,
     check=_corda.check_rank, reference="peft corda.py (preprocess_corda) + LoraLayer.corda_init; arXiv 2406.05223"))
 
@@ -323,24 +312,6 @@ def _expand_eva(options: dict) -> dict:
         for key in _EVA_CONFIG_FIELDS:
             options.setdefault(key, getattr(config, key))
     return options
-
-
-def _eva_config(name, value):
-    if value is not None and not all(hasattr(value, key) for key in _EVA_CONFIG_FIELDS):
-        raise TypeError(f"loram_fast: option {name}={value!r}: expected peft's EvaConfig")
-    return value
-
-
-def _at_least_one(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 1:
-        raise ValueError(f"loram_fast: option {name}={value!r}: expected a number >= 1 (as peft's EvaConfig)")
-    return float(value)
-
-
-def _unit_interval(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise ValueError(f"loram_fast: option {name}={value!r}: expected a number in (0, 1]")
-    return float(value)
 
 
 def _eva_init(W, r, scaling, *, backend=None, bases=None, eva=None, whiten=False, adjust_scaling_factors=True,
@@ -364,9 +335,10 @@ register(Method(
     name="eva", init=_eva_init, residual=False, needs_data=True, data_kind="eva", expand=_expand_eva,
     description="EVA: A = principal components of each layer's inputs (incremental PCA until converged), B = 0, "
                 "ranks redistributed by explained variance (rho); W untouched",
-    options={"rho": _at_least_one, "tau": _unit_interval, "use_label_mask": _opt.boolean(),
+    options={"rho": _opt.real_in(lambda v: v >= 1, "a number >= 1 (as peft's EvaConfig)"),
+             "tau": _opt.real_in(lambda v: 0 < v <= 1, "a number in (0, 1]"), "use_label_mask": _opt.boolean(),
              "label_mask_value": _opt.integer(), "whiten": _opt.boolean(), "adjust_scaling_factors": _opt.boolean(),
-             "eva_config": _eva_config},
+             "eva_config": _opt.peft_config("EvaConfig", *_EVA_CONFIG_FIELDS)},
     check=lambda shape, r, **o: None,
     reference="peft eva.py (get_eva_state_dict, initialize_lora_eva_weights); arXiv 2410.07170"))
 
@@ -391,13 +363,6 @@ register(Method(name="mica", residual=False, check=_svd.check_rank,
                 reference="peft LoraLayer.mica_init + MiCALinearVariant; arXiv 2604.01694"))
 
 
-def _loftq_config(name, value):
-    if value is not None and not isinstance(value, dict) and not all(
-            hasattr(value, key) for key in ("loftq_bits", "loftq_iter")):
-        raise TypeError(f"loram_fast: option {name}={value!r}: expected peft's LoftQConfig or its dict")
-    return value
-
-
 _LOFTQ_OPTIONS = {"loftq_bits": _opt.int_choice(4, 8), "loftq_iter": _opt.integer(1)}
 
 
@@ -420,7 +385,8 @@ def _loftq_init(W, r, scaling, *, backend=None, bases=None, **options):
 register(Method(name="loftq", residual=True, replaces_weight=True, init=_loftq_init, check=_loftq.check_rank,
                 expand=_expand_loftq,
                 options={**_LOFTQ_OPTIONS, "solver": _opt.choice(*_loftq.SOLVERS), "niter": _opt.integer(0),
-                         "loftq_config": _loftq_config},
+                         "loftq_config": _opt.peft_config("LoftQConfig", "loftq_bits", "loftq_iter",
+                                                          allow_dict=True)},
                 description="LoftQ: base weight replaced by its NF4/int8 quantisation Q (bitsandbytes' own), B A = "
                             "the top-r SVD of W − Q, alternated loftq_iter times",
                 reference="peft loftq_utils.loftq_init + LoraLayer.loftq_init; arXiv 2310.08659"))
