@@ -2,8 +2,8 @@
 
 A (..., m, k) and B (..., k, n) in fp32/fp16/bf16 → fp32 (..., m, n), accumulated in fp32. Used for the
 sketch products of the randomized SVD (``W Ω``, ``Wᵀ Q``): the large operand is read as it is stored,
-never copied whole to fp32. ``fp32_if_small`` and ``gaussian_sketch`` are the shared first steps of the randomized
-and the exact top-r SVD (``rsvd.py``, ``topsvd.py``).
+never copied whole to fp32. ``fp32_if_small`` is a shared first step of the randomized and the exact top-r SVD
+(``rsvd.py``, ``topsvd.py``); their Gaussian sketch is ``MatrixOperator.sketch`` (``sharded.py``).
 """
 from __future__ import annotations
 
@@ -56,17 +56,3 @@ def fp32_if_small(A: torch.Tensor) -> torch.Tensor:
     if A.dtype != torch.float32 and A.device.type == "cpu" and 4 * A.numel() <= FP32_COPY_BUDGET:
         return A.float()
     return A
-
-
-def gaussian_sketch(A: torch.Tensor, q: int, generator: torch.Generator | None, owner: str, *,
-                    backend=None) -> torch.Tensor:
-    """``Y = A Ω`` (fp32, (..., m, q)) with Ω ~ N(0, 1) of shape n×q drawn from ``generator`` (default: seeded with 0
-    on A's device, so results are deterministic). A NaN or Inf anywhere in A reaches Y (Ω is Gaussian): one cheap
-    check on Y, not a pass over A, raises ``ValueError`` naming ``owner``."""
-    if generator is None:
-        generator = torch.Generator(device=A.device).manual_seed(0)
-    omega = torch.randn(A.shape[-1], q, generator=generator, device=A.device, dtype=torch.float32)
-    Y = matmul_f32(A, omega, backend=backend)
-    if not bool(torch.isfinite(Y).all()):
-        raise ValueError(f"loram_fast.{owner}: the input holds NaN or Inf values")
-    return Y

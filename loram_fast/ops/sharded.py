@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from .matmul import gaussian_sketch, matmul_f32
+from .matmul import matmul_f32
 from .moments import Moments, weight_moments
 from .orth import cholesky_pass, orthonormalize
 from .threads import small_op
@@ -191,17 +191,21 @@ class MatrixOperator:
             return torch.linalg.vector_norm(Y, dim=-2)
         return all_reduce(Y.double().square().sum(-2), self.sharding.group).sqrt().float()
 
+    # what a non-finite sketch means, in the error it raises
+    nonfinite = "the input holds NaN or Inf values"
+
     def sketch(self, q: int, generator: Optional[torch.Generator], owner: str) -> torch.Tensor:
-        """``M Ω`` (m-side) with the Gaussian n×q Ω of :func:`~loram_fast.ops.matmul.gaussian_sketch` (the same Ω on
-        every rank, and as on one process); NaN/Inf anywhere in M raises on every rank."""
-        if self.sharding is None:
-            return gaussian_sketch(self.local, q, generator, owner, backend=self.backend)
+        """``M Ω`` (m-side) through :meth:`mm` (so subclasses, products and inverses, get it too), with Ω ~ N(0, 1)
+        n×q fp32 from ``generator`` (default: seeded with 0 on M's device, so results are deterministic; the same Ω
+        on every rank, and as on one process). A NaN or Inf anywhere in M reaches the sketch: one cheap check on it,
+        not a pass over M, raises ``ValueError`` naming ``owner`` on every rank."""
         if generator is None:
             generator = torch.Generator(device=self.device).manual_seed(0)
         omega = torch.randn(self.shape[1], q, generator=generator, device=self.device, dtype=torch.float32)
         Y = self.mm(self.sharding.local_rows(omega) if self.sharded("n") else omega)
-        if any_rank(not bool(torch.isfinite(Y).all()), self.sharding.group, self.device):
-            raise ValueError(f"loram_fast.{owner}: the input holds NaN or Inf values")
+        bad = not bool(torch.isfinite(Y).all())
+        if bad if self.sharding is None else any_rank(bad, self.sharding.group, self.device):
+            raise ValueError(f"loram_fast.{owner}: {self.nonfinite}")
         return Y
 
     def orth(self, Y: torch.Tensor, side: str = "m") -> torch.Tensor:
@@ -318,15 +322,6 @@ class RightProductOperator(MatrixOperator):
 
     def tmm(self, Y: torch.Tensor) -> torch.Tensor:
         return matmul_f32(Y.mT, self.local, backend=self.backend) @ self.right
-
-    def sketch(self, q: int, generator: Optional[torch.Generator], owner: str) -> torch.Tensor:
-        if generator is None:
-            generator = torch.Generator(device=self.device).manual_seed(0)
-        omega = torch.randn(self.shape[1], q, generator=generator, device=self.device, dtype=torch.float32)
-        Y = self.mm(omega)
-        if not bool(torch.isfinite(Y).all()):
-            raise ValueError(f"loram_fast.{owner}: the input holds NaN or Inf values")
-        return Y
 
     def whole(self) -> torch.Tensor:
         return matmul_f32(self.local, self.right, backend=self.backend)

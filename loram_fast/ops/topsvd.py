@@ -195,16 +195,10 @@ class _InverseTriangular(MatrixOperator):
     def mm(self, X: torch.Tensor) -> torch.Tensor:
         return torch.linalg.solve_triangular(self.local, X, upper=True)
 
+    nonfinite = "the weight is singular to fp32 precision"
+
     def tmm(self, Y: torch.Tensor) -> torch.Tensor:
         return torch.linalg.solve_triangular(self.local.mT, Y, upper=False).mT
-
-    def sketch(self, q: int, generator, owner: str) -> torch.Tensor:
-        if generator is None:
-            generator = torch.Generator(device=self.device).manual_seed(0)
-        Y = self.mm(torch.randn(self.shape[1], q, generator=generator, device=self.device, dtype=torch.float32))
-        if not bool(torch.isfinite(Y).all()):
-            raise ValueError(f"loram_fast.{owner}: the weight is singular to fp32 precision")
-        return Y
 
 
 class BottomSVD(NamedTuple):
