@@ -1,4 +1,5 @@
 """Shared fixtures: tiny transformers models built from configs (nothing is downloaded)."""
+import contextlib
 import copy
 import os
 import warnings
@@ -158,3 +159,25 @@ def lm_batches(count, *, vocab, length, seed):
         ids = torch.randint(0, vocab, (2, length), generator=g)
         out.append({"input_ids": ids, "labels": ids})
     return out
+
+
+@contextlib.contextmanager
+def taken_over(monkeypatch, record):
+    """Inside the block peft's own init names run through loram_fast (the hook's take-over), and every layer the hook
+    initialises is first reported as ``record(method, options)`` (a spy on ``peft_hook.init_layer``, kept for the
+    rest of the test); the default hook is back afterwards, also when the block fails."""
+    from loram_fast import peft_hook
+
+    real = peft_hook.init_layer
+
+    def spy(layer, adapter_name, method, **options):
+        record(method, options)
+        return real(layer, adapter_name, method, **options)
+
+    monkeypatch.setattr(peft_hook, "init_layer", spy)
+    peft_hook.install(take_over_peft_inits=True)
+    try:
+        yield
+    finally:
+        peft_hook.uninstall()
+        peft_hook.install()

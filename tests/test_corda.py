@@ -10,7 +10,7 @@ from peft.tuners.lora.corda import preprocess_corda  # needs attrs (test extra)
 
 import loram_fast
 
-from conftest import logits, relative_error
+from conftest import logits, relative_error, taken_over
 from test_safety import _interrupt_every_step, assert_same, full_state
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -178,24 +178,11 @@ def test_corda_config_is_recorded_as_plain_options(llama_base):
 def test_hook_take_over_of_peft_corda(llama_base, monkeypatch, mode):
     """With the take-over, peft's LoraConfig(init_lora_weights="corda") after preprocess_corda runs our writer on
     peft's eigens (a spy proves it): the same model as peft's own corda_init, the eigens consumed."""
-    from loram_fast import peft_hook
-
     samples = _samples()
     theirs = _peft_corda(llama_base, mode, samples)
     calls = []
-    real = peft_hook.init_layer
-
-    def spy(layer, adapter_name, method, **options):
-        calls.append(method)
-        return real(layer, adapter_name, method, **options)
-
-    monkeypatch.setattr(peft_hook, "init_layer", spy)
-    peft_hook.install(take_over_peft_inits=True)
-    try:
+    with taken_over(monkeypatch, lambda method, options: calls.append(method)):
         ours = _peft_corda(llama_base, mode, samples)
-    finally:
-        peft_hook.uninstall()
-        peft_hook.install()
     assert calls == ["corda"] * 6
     _compare(ours, theirs, 1e-6)
     assert not any(hasattr(m, "eigens") for m in ours.modules())

@@ -15,11 +15,10 @@ from peft import LoftQConfig, LoraConfig, PeftModel, get_peft_model
 
 import loram_fast
 import loram_fast.transaction as transaction
-from loram_fast import peft_hook
 from loram_fast.methods.loftq import loftq_factors
 from loram_fast.ops import quant
 
-from conftest import logits, perturb_adapters, relative_error
+from conftest import logits, perturb_adapters, relative_error, taken_over
 from test_safety import _interrupt_every_step, assert_same, full_state
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]  # down_proj: in = 176, blocks of 64 span rows
@@ -275,20 +274,9 @@ def test_init_model(llama_base, tokens, dtype, bits):
 
 def test_hook_take_over_runs_ours_with_peft_config(llama_base, monkeypatch):
     calls = []
-    real = peft_hook.init_layer
-
-    def spy(layer, adapter_name, method, **options):
-        calls.append((method, options))
-        return real(layer, adapter_name, method, **options)
-
-    monkeypatch.setattr(peft_hook, "init_layer", spy)
-    peft_hook.install(take_over_peft_inits=True)
-    try:
+    with taken_over(monkeypatch, lambda method, options: calls.append((method, options))):
         model = _peft(copy.deepcopy(llama_base), init_lora_weights="loftq",
                       loftq_config=LoftQConfig(loftq_bits=8, loftq_iter=2))
-    finally:
-        peft_hook.uninstall()
-        peft_hook.install()
     assert len(calls) == 6 and all(c == ("loftq", {"loftq_config": {"loftq_bits": 8, "loftq_iter": 2}})
                                    for c in calls)
     direct = _peft(copy.deepcopy(llama_base))

@@ -30,7 +30,7 @@ from peft.tuners.lora import LoraLayer
 import loram_fast
 from loram_fast import peft_hook
 
-from conftest import GPT2_TARGETS, LLAMA_TARGETS, logits, perturb_adapters
+from conftest import GPT2_TARGETS, LLAMA_TARGETS, logits, perturb_adapters, taken_over
 
 INIT_ATOL = 1e-6
 CONVERT_TOL = 1e-6
@@ -55,19 +55,8 @@ def take_over(monkeypatch):
     code for these names, loram_fast's hook for ours) is restored afterwards, also when the test fails.
     Yields the list of method names loram_fast's take-over initialised a layer with, one entry per layer."""
     calls = []
-    real = peft_hook.init_layer
-
-    def spy(layer, adapter_name, method, **options):
-        calls.append(method)
-        return real(layer, adapter_name, method, **options)
-
-    monkeypatch.setattr(peft_hook, "init_layer", spy)
-    peft_hook.install(take_over_peft_inits=True)
-    try:
+    with taken_over(monkeypatch, lambda method, options: calls.append(method)):
         yield calls
-    finally:
-        peft_hook.uninstall()
-        peft_hook.install()
 
 
 @contextlib.contextmanager
