@@ -23,6 +23,21 @@ COLUMNS = ["bench", "provider", "shape", "rank", "dtype", "device", "median_s", 
            "rel_err", "extra", "machine", "device_name", "torch", "peft", "loram_fast", "timestamp"]
 
 
+def spectrum_matrix(m: int, n: int, decay: float, generator: torch.Generator,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """U diag(k^-decay) Vᵀ (m×n), U and V the Q factors of Gaussian m×k and n×k draws from ``generator`` (in that
+    order): decay 0.5 is a realistic LLM-weight spectrum."""
+    k = min(m, n)
+    U, _ = torch.linalg.qr(torch.randn(m, k, generator=generator, dtype=dtype))
+    V, _ = torch.linalg.qr(torch.randn(n, k, generator=generator, dtype=dtype))
+    return (U * torch.arange(1, k + 1, dtype=dtype) ** -decay) @ V.T
+
+
+def llama_projection_shapes(hidden: int, mlp: int) -> list[tuple[int, int]]:
+    """(out, in) of the seven projections of one Llama decoder layer (q, k, v, o, gate, up, down; k and v full size)."""
+    return [(hidden, hidden)] * 4 + [(mlp, hidden)] * 2 + [(hidden, mlp)]
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import heading, machine_info, measure_interleaved, peak_rss, publish, reset_peak_rss  # noqa: E402
+from common import (heading, llama_projection_shapes, machine_info, measure_interleaved, peak_rss, publish,  # noqa: E402
+                    reset_peak_rss, spectrum_matrix)
 
 from loram_fast.methods.corda import corda_init  # noqa: E402
 from loram_fast.ops.residual import apply_residual  # noqa: E402
@@ -36,14 +37,10 @@ R, ALPHA = 16, 32
 def layer_inputs(hidden: int, mlp: int, seed: int = 0):
     """(W, C) per projection: W with a k^-0.5 spectrum, C the covariance of inputs with a k^-1 spectrum."""
     g = torch.Generator().manual_seed(seed)
-    shapes = [(hidden, hidden)] * 4 + [(mlp, hidden)] * 2 + [(hidden, mlp)]
     covs = {}
     out = []
-    for m, n in shapes:
-        k = min(m, n)
-        U, _ = torch.linalg.qr(torch.randn(m, k, generator=g))
-        V, _ = torch.linalg.qr(torch.randn(n, k, generator=g))
-        W = (U * torch.arange(1, k + 1).float().pow(-0.5)) @ V.T
+    for m, n in llama_projection_shapes(hidden, mlp):
+        W = spectrum_matrix(m, n, 0.5, g)
         W = W * (0.02 / W.square().mean().sqrt())
         if n not in covs:
             Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g))

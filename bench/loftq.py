@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import heading, machine_info, measure_interleaved, peak_rss, publish, reset_peak_rss  # noqa: E402
+from common import (heading, llama_projection_shapes, machine_info, measure_interleaved, peak_rss, publish,  # noqa: E402
+                    reset_peak_rss, spectrum_matrix)
 
 from loram_fast.methods.loftq import loftq_factors  # noqa: E402
 
@@ -56,13 +57,9 @@ def peft_loftq_on(device: str):
 
 def llama_weights(hidden: int, mlp: int, device: str, seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    shapes = [(hidden, hidden)] * 4 + [(mlp, hidden)] * 2 + [(hidden, mlp)]
     out = []
-    for m, n in shapes:
-        k = min(m, n)
-        U, _ = torch.linalg.qr(torch.randn(m, k, generator=g))
-        V, _ = torch.linalg.qr(torch.randn(n, k, generator=g))
-        W = (U * torch.arange(1, k + 1).float().pow(-0.5)) @ V.T
+    for m, n in llama_projection_shapes(hidden, mlp):
+        W = spectrum_matrix(m, n, 0.5, g)
         out.append((W * (0.02 / W.square().mean().sqrt())).to(device))
     return out
 

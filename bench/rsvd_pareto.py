@@ -21,20 +21,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import heading, machine_info, measure_interleaved, publish  # noqa: E402
+from common import heading, machine_info, measure_interleaved, publish, spectrum_matrix  # noqa: E402
 
 from loram_fast import randomized_svd  # noqa: E402
 
 
 def synthetic(m, n, decay, count, device, seed=0):
     g = torch.Generator().manual_seed(seed)
-    k = min(m, n)
-    out = []
-    for _ in range(count):
-        U, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
-        V, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
-        out.append(((U * torch.arange(1, k + 1, dtype=torch.float64) ** -decay) @ V.T).float().to(device))
-    return out
+    return [spectrum_matrix(m, n, decay, g, torch.float64).float().to(device) for _ in range(count)]
 
 
 def minilm(device):
