@@ -130,6 +130,7 @@ def compute_and_write(spec: Method, targets: list[LoraTarget], options: dict, tr
                 transaction.write(t, init)
                 bar.update(1)
             transaction.commit_config()
+            transaction.flush()  # the held-back residual writes, last
         logger.info("loram_fast %s: initialised %d layers in %.3f s", spec.name, len(targets),
                     time.perf_counter() - start)
     finally:

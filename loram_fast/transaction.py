@@ -31,7 +31,7 @@ import torch
 from .methods.common import LayerInit, product_residual
 from .ops.bases import dst_basis
 from .ops.norms import lowrank_row_norms
-from .ops.residual import BasisResidual, LowRankResidual, Residual, apply_residual
+from .ops.residual import BasisResidual, LowRankResidual, Residual, apply_residual, write_cannot_fail
 from .ops.sharded import Sharding, all_reduce, any_rank, is_dtensor, local_part, local_tensor
 from .targets import LoraTarget
 
@@ -96,6 +96,9 @@ class Transaction:
         self.backend = backend
         self._undo: list[Callable[[], None]] = []
         self._saved_weights: set[int] = set()
+        # residual writes held back until :meth:`flush` (writes that cannot fail once started: no copy needed)
+        self._pending: list[tuple[LoraTarget, Residual]] = []
+        self._held_sigint = None  # a Ctrl-C that arrived during the flush: delivered once the transaction commits
 
     # -- the log -------------------------------------------------------------------------------------------------
     def _will(self, undo: Callable[[], None]) -> None:
@@ -107,6 +110,7 @@ class Transaction:
             while self._undo:
                 self._undo.pop()()
         self._saved_weights.clear()
+        self._pending.clear()
 
     def __enter__(self):
         self._inference = torch.inference_mode(False)  # new modules must be ordinary (trainable) tensors
@@ -128,10 +132,19 @@ class Transaction:
                                  "rounding)")
                 self.rollback()
             else:
+                if self._pending:
+                    raise RuntimeError("loram_fast: internal error: residual writes were held back and never "
+                                       "flushed; the model is restored")
                 self._undo.clear()
                 self._saved_weights.clear()
+        except BaseException:
+            self.rollback()
+            raise
         finally:
             self._inference.__exit__(None, None, None)
+        held, self._held_sigint = self._held_sigint, None
+        if held is not None and exc_type is None:
+            held()  # Ctrl-C during the final writes: answered now that the model is complete (KeyboardInterrupt)
         return False
 
     def _other_rank_failed(self, failed: bool) -> bool:
@@ -201,7 +214,8 @@ class Transaction:
                 if init.rank == 0:
                     self._remove_layer(target)
                     return
-            if residual is not None:
+            defer = residual is not None and self._can_defer(target, init, residual)
+            if residual is not None and not defer:
                 self._save_weight(target)
             trainable = self._adapter_trainable(layer)
             if init.rank is not None and init.rank != layer.r[self.adapter]:
@@ -210,13 +224,58 @@ class Transaction:
             for name, value in init.adapters().items():
                 self._set_adapter(target, name, value, owned=init.owned, unrounded=init.unrounded)
             self._set_frozen(layer, init.frozen, trainable)
-            if residual is not None:
+            if defer:
+                self._pending.append((target, residual))
+            elif residual is not None:
                 self._apply(target, residual, -1.0)
             if init.new_weight is not None:
                 self._replace(target, init.new_weight)
             self._set_record(layer, ReplacedWeight() if init.new_weight is not None else None if residual is None
                              else residual.without_bases() if isinstance(residual, BasisResidual) else residual)
             self._set_dora_magnitude(target, init)
+
+    def _can_defer(self, target: LoraTarget, init: LayerInit, residual: Residual) -> bool:
+        """Whether this residual write can wait for :meth:`flush`: a kernel that cannot fail once it starts (LoRAM's
+        closed form, compiled), on a weight that no step of this call changed or copied yet, of a one-process
+        model, where nothing later in the call reads the written weight (no DoRA magnitude, no replaced weight)."""
+        if target.sharding is not None or self.vote or init.new_weight is not None:
+            return False
+        if id(target.weight) in self._saved_weights or target.layer.use_dora.get(self.adapter, False):
+            return False
+        return write_cannot_fail(target.weight_view(), residual, backend=self.backend)
+
+    def flush(self) -> None:
+        """Write the held-back residuals: the last step of the transaction, after every other change. Each write runs
+        on a kernel that checks everything before its first store and cannot stop after it, so no weight copy is kept
+        for them. Ctrl-C (main thread) is held during these writes and answered once the transaction has
+        committed: the model is then complete, as if the interrupt came just after the call returned. Should a
+        write raise all the same, the weights written before it get their residual added back (up to one rounding
+        of their dtype; the error log says so)."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        done: list[tuple[LoraTarget, Residual]] = []
+
+        def undo():
+            if len(done) < len(pending):
+                logger.error("loram_fast: a held-back residual write failed after %d of %d weights; those %d are "
+                             "restored up to one rounding of their dtype", len(done), len(pending), len(done))
+            for target, residual in reversed(done):
+                apply_residual(target.weight_view(), residual, +1.0, backend=self.backend)
+
+        self._will(undo)
+        caught = []
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame)) if main else None
+        try:
+            for target, residual in pending:
+                apply_residual(target.weight_view(), residual, -1.0, backend=self.backend)
+                done.append((target, residual))
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, previous)
+        if caught and callable(previous):
+            self._held_sigint = lambda: previous(signal.SIGINT, caught[0])
 
     def _replace(self, target: LoraTarget, new_weight: torch.Tensor) -> None:
         """The base weight becomes ``new_weight`` (out×in, rounded once to the weight's dtype). It has no inverse, so

@@ -217,7 +217,67 @@ def test_interrupt_at_every_write_restores_every_bit(llama_base, monkeypatch, me
     assert _interrupt_every_step(monkeypatch, factory, method, options, assert_same) >= 10
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_interrupt_at_every_step_of_a_first_init_restores_every_bit(llama_base, monkeypatch, dtype):
+    """A first LoRAM init holds its residual writes back to the end (no weight copies): an interrupt at any step
+    before them restores every bit."""
+    def factory():
+        return _peft(copy.deepcopy(llama_base).to(dtype), ["q_proj", "down_proj"])
+
+    copies = []
+    monkeypatch.setattr(transaction.Transaction, "_save_weight", lambda self, target, always=False: copies.append(1))
+    assert _interrupt_every_step(monkeypatch, factory, "loram", {}, assert_same) >= 10
+    assert not copies, "a first LoRAM init on the compiled kernel copies no weight"
+
+
+def test_held_back_writes_failing_restore_up_to_rounding_and_say_so(llama_base, monkeypatch, caplog):
+    """The held-back writes run on a kernel that cannot fail once it starts; should one raise all the same (simulated
+    here before it writes), the weights written before it are restored up to one rounding and the log says so."""
+    model = _peft(copy.deepcopy(llama_base).to(torch.bfloat16))
+    before = full_state(model)
+    original = transaction.apply_residual
+    calls = {"n": 0}
+
+    def third_fails(W, residual, sign=-1.0, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated")
+        return original(W, residual, sign, **kw)
+
+    monkeypatch.setattr(transaction, "apply_residual", third_fails)
+    with caplog.at_level("ERROR", logger="loram_fast"), pytest.raises(RuntimeError, match="simulated"):
+        loram_fast.init_model(model, "loram", progress=False)
+    assert "failed after 2 of" in caplog.text and "up to one rounding" in caplog.text
+    _assert_within_one_rounding(model, before)
+
+
+def test_ctrl_c_during_held_back_writes_completes_the_init_then_interrupts(llama_base, monkeypatch):
+    """A real SIGINT during the final (held-back) residual writes is answered once the call has committed: the model
+    is the complete init, bit for bit, and KeyboardInterrupt is raised after it."""
+    import os
+    import signal
+
+    model = _peft(copy.deepcopy(llama_base))
+    clean = _peft(copy.deepcopy(llama_base))
+    loram_fast.init_model(clean, "loram", progress=False)
+    original = transaction.apply_residual
+    calls = {"n": 0}
+
+    def interrupted_mid_flush(W, residual, sign=-1.0, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives while the weights are being written
+        return original(W, residual, sign, **kw)
+
+    monkeypatch.setattr(transaction, "apply_residual", interrupted_mid_flush)
+    with pytest.raises(KeyboardInterrupt):
+        loram_fast.init_model(model, "loram", progress=False)
+    assert calls["n"] > 3
+    assert_same(model, full_state(clean))
+
+
 def test_interrupt_inside_a_weight_write(llama_base, monkeypatch):
+    """A write on a kernel that can stop part way (the torch product, chunk by chunk) gets a weight copy first."""
     model = _peft(copy.deepcopy(llama_base).to(torch.bfloat16))
     before = full_state(model)
     original = transaction.apply_residual
@@ -232,7 +292,7 @@ def test_interrupt_inside_a_weight_write(llama_base, monkeypatch):
 
     monkeypatch.setattr(transaction, "apply_residual", half_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
-        loram_fast.init_model(model, "loram", progress=False)
+        loram_fast.init_model(model, "loram", progress=False, backend="torch")
     assert_same(model, before)
 
 
@@ -282,7 +342,7 @@ def test_without_exact_rollback_ctrl_c_waits_for_the_write(llama_base, monkeypat
 
     monkeypatch.setattr(transaction, "apply_residual", interrupted_mid_write)
     with pytest.raises(KeyboardInterrupt):
-        loram_fast.init_model(model, "loram", progress=False, exact_rollback=False)
+        loram_fast.init_model(model, "loram", progress=False, exact_rollback=False, backend="torch")
     _assert_within_one_rounding(model, before)
 
 

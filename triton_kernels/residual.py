@@ -4,8 +4,9 @@
   product (``tl.dot`` in IEEE fp32), one rounding on store. W may have any strides (e.g. a Conv1D transpose).
 - ``loram_residual``: ``W[i, j] −= coef · amp · K(i, j)`` with K the closed form of ``csrc/kernel_math.h``
   (``K = (p_i q_j − q_i p_j) / (c_j − c_i)`` from fp64 row and column terms, fp32 division): O(1) work per entry
-  for any r, one read and one write of W. Entries where ``|c_j − c_i| < near_tol`` are left alone (masked); the
-  caller writes those few from exact phases.
+  for any r, one read and one write of W; each K serves the entry and its mirror (m−1−i, n−1−j) (K is
+  centro-symmetric), as in the C++ kernels. Entries where ``|c_j − c_i| < near_tol`` are left alone (masked); the
+  caller writes those few (and their mirrors) from exact phases.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def _loram_residual_kernel(w_ptr, rows_ptr, cols_ptr, m, n, scale, near_tol, s_w
                            BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < m
+    rmask = rows < (m + 1) // 2  # rows i < ⌈m/2⌉; row m−1−i is written from row i's K
     cmask = cols < n
     rp = tl.load(rows_ptr + rows, mask=rmask, other=0.0)
     rq = tl.load(rows_ptr + m + rows, mask=rmask, other=0.0)
@@ -55,6 +56,11 @@ def _loram_residual_kernel(w_ptr, rows_ptr, cols_ptr, m, n, scale, near_tol, s_w
     ptrs = w_ptr + rows[:, None].to(tl.int64) * s_wm + cols[None, :].to(tl.int64) * s_wn
     w = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     tl.store(ptrs, (w + scale * k).to(w_ptr.dtype.element_ty), mask=mask)
+    # K(m−1−i, n−1−j) = K(i, j): the mirrored entry takes the same K (not the middle row of an odd m)
+    mirror = mask & ((m - 1 - rows) != rows)[:, None]
+    mptrs = w_ptr + (m - 1 - rows)[:, None].to(tl.int64) * s_wm + (n - 1 - cols)[None, :].to(tl.int64) * s_wn
+    w = tl.load(mptrs, mask=mirror, other=0.0).to(tl.float32)
+    tl.store(mptrs, (w + scale * k).to(w_ptr.dtype.element_ty), mask=mirror)
 
 
 BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 16
@@ -73,9 +79,10 @@ def lowrank_update(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, alpha: flo
 
 def loram_residual(W: torch.Tensor, row_terms: torch.Tensor, col_terms: torch.Tensor, scale: float,
                    near_tol: float) -> torch.Tensor:
-    """``W[i, j] += scale · K(i, j)`` where regular; ``row_terms`` (3·m fp64: p, q, c) and ``col_terms`` (3·n)."""
+    """``W[i, j] += scale · K(i, j)`` and ``W[m−1−i, n−1−j] += scale · K(i, j)`` for rows i < ⌈m/2⌉ where regular
+    (by row i's terms); ``row_terms`` (3·m fp64: p, q, c) and ``col_terms`` (3·n)."""
     m, n = W.shape
-    grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N))
+    grid = (triton.cdiv((m + 1) // 2, BLOCK_M), triton.cdiv(n, BLOCK_N))
     _loram_residual_kernel[grid](W, row_terms, col_terms, m, n, float(scale), float(near_tol), W.stride(0),
                                  W.stride(1), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
     return W

@@ -281,32 +281,90 @@ LORAM_FAST_CLONES void closed_form_row(float* out, kmath::Terms row, const doubl
 }
 
 // Fused forms for contiguous fp32 and bf16 rows, entries [j0, j1): K by the displacement form and the write, one
-// rounding, in one vectorised loop (no row buffer). bf16 rounding as c10::BFloat16 does it (nearest even, NaN ->
-// 0x7FC0), on the bits.
-LORAM_FAST_CLONES void closed_form_update_f32(float* w, kmath::Terms row, const double* cp, const double* cq,
-                                              const double* cc, int64_t j0, int64_t j1, float scale) {
+// rounding, in one vectorised loop (no row buffer). `a` is row i; `b_end` points one past the end of row m−1−i,
+// which takes the same K reversed (K is centro-symmetric: K(m−1−i, n−1−j) = K(i, j)), so each K serves two entries;
+// `b_end == nullptr`: row i alone (the middle row of an odd m). bf16 rounding as c10::BFloat16 does it (nearest
+// even, NaN -> 0x7FC0), on the bits.
+inline uint16_t round_bf16_bits(float y) {
+  uint32_t u;
+  std::memcpy(&u, &y, 4);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>(y != y ? 0x7FC0u : rounded);
+}
+
+LORAM_FAST_CLONES void closed_form_pair_f32(float* __restrict a, float* __restrict b_end, kmath::Terms row,
+                                            const double* cp, const double* cq, const double* cc, int64_t j0,
+                                            int64_t j1, float scale) {
+  for (int64_t j = j0; j < j1; ++j) {
+    const float k = kmath::closed_form_fast(row.p, row.q, row.c, cp[j], cq[j], cc[j]);
+    a[j] = kmath::add_scaled(a[j], scale, k);
+    b_end[-1 - j] = kmath::add_scaled(b_end[-1 - j], scale, k);
+  }
+}
+
+LORAM_FAST_CLONES void closed_form_pair_bf16(uint16_t* __restrict a, uint16_t* __restrict b_end, kmath::Terms row,
+                                             const double* cp, const double* cq, const double* cc, int64_t j0,
+                                             int64_t j1, float scale) {
+  for (int64_t j = j0; j < j1; ++j) {
+    const float k = kmath::closed_form_fast(row.p, row.q, row.c, cp[j], cq[j], cc[j]);
+    a[j] = round_bf16_bits(bf16_bits_to_float(a[j]) + scale * k);
+    b_end[-1 - j] = round_bf16_bits(bf16_bits_to_float(b_end[-1 - j]) + scale * k);
+  }
+}
+
+LORAM_FAST_CLONES void closed_form_update_f32(float* __restrict w, kmath::Terms row, const double* cp,
+                                              const double* cq, const double* cc, int64_t j0, int64_t j1,
+                                              float scale) {
   for (int64_t j = j0; j < j1; ++j)
     w[j] = kmath::add_scaled(w[j], scale, kmath::closed_form_fast(row.p, row.q, row.c, cp[j], cq[j], cc[j]));
 }
 
-LORAM_FAST_CLONES void closed_form_update_bf16(uint16_t* w, kmath::Terms row, const double* cp, const double* cq,
-                                               const double* cc, int64_t j0, int64_t j1, float scale) {
-  for (int64_t j = j0; j < j1; ++j) {
-    const uint32_t in = static_cast<uint32_t>(w[j]) << 16;
-    float x;
-    std::memcpy(&x, &in, 4);
-    const float y = x + scale * kmath::closed_form_fast(row.p, row.q, row.c, cp[j], cq[j], cc[j]);
-    uint32_t u;
-    std::memcpy(&u, &y, 4);
-    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    w[j] = static_cast<uint16_t>(y != y ? 0x7FC0u : rounded);
+LORAM_FAST_CLONES void closed_form_update_bf16(uint16_t* __restrict w, kmath::Terms row, const double* cp,
+                                               const double* cq, const double* cc, int64_t j0, int64_t j1,
+                                               float scale) {
+  for (int64_t j = j0; j < j1; ++j)
+    w[j] = round_bf16_bits(bf16_bits_to_float(w[j]) +
+                           scale * kmath::closed_form_fast(row.p, row.q, row.c, cp[j], cq[j], cc[j]));
+}
+
+// Ask for the cache lines of one row ahead of their use (for writing: they are read, then written).
+inline void prefetch_row(const void* row, int64_t bytes) {
+  const char* p = static_cast<const char*>(row);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 1, 3);
+}
+
+// Row i (and row m−1−i reversed, when `b_end`) of a contiguous fp32 / bf16 weight, entries [0, n): the regular
+// segments by the fused loops, the irregular run [lo, hi) by the exact-phase form (kmath::closed_form_entry).
+template <typename scalar_t>
+void closed_form_rows(scalar_t* a, scalar_t* b_end, const kmath::Terms& row, const double* cp, const double* cq,
+                      const double* cc, int64_t lo, int64_t hi, int64_t i, int64_t m, int64_t n, int64_t r, int kind,
+                      float scale) {
+  constexpr bool f32 = std::is_same<scalar_t, float>::value;
+  for (const auto& seg : {std::make_pair(int64_t{0}, lo), std::make_pair(hi, n)}) {
+    if (seg.first >= seg.second) continue;
+    if (b_end != nullptr && f32)
+      closed_form_pair_f32(reinterpret_cast<float*>(a), reinterpret_cast<float*>(b_end), row, cp, cq, cc, seg.first,
+                           seg.second, scale);
+    else if (b_end != nullptr)
+      closed_form_pair_bf16(reinterpret_cast<uint16_t*>(a), reinterpret_cast<uint16_t*>(b_end), row, cp, cq, cc,
+                            seg.first, seg.second, scale);
+    else if (f32)
+      closed_form_update_f32(reinterpret_cast<float*>(a), row, cp, cq, cc, seg.first, seg.second, scale);
+    else
+      closed_form_update_bf16(reinterpret_cast<uint16_t*>(a), row, cp, cq, cc, seg.first, seg.second, scale);
+  }
+  for (int64_t j = lo; j < hi; ++j) {  // the irregular run (entries inside it that are regular: same result)
+    const float k = kmath::closed_form_entry(row, kmath::Terms{cp[j], cq[j], cc[j]}, i, j, m, n, r, kind);
+    a[j] = kmath::add_scaled(a[j], scale, k);
+    if (b_end != nullptr) b_end[-1 - j] = kmath::add_scaled(b_end[-1 - j], scale, k);
   }
 }
 
 // W -= coef · V_r U_rᵀ in one pass, O(1) work per entry for any r. Per row: the irregular entries (where
 // kmath::closed_form_regular fails: cos β_j decreases with j, so they form one short run, found by binary search)
-// split the row into at most three segments; contiguous fp32 / bf16 rows are updated segment by segment by the fused
-// loops and the run by the exact-phase form; other dtypes and strides go through an fp32 row buffer.
+// split the row into at most three segments; contiguous fp32 / bf16 rows are updated in pairs (i, m−1−i), one K
+// per two entries, by the fused loops and the run by the exact-phase form; other dtypes and strides go through an
+// fp32 row buffer. Every allocation happens before the first store, so once writing starts nothing can fail.
 void loram_residual_(at::Tensor W, double coef, int64_t r, int64_t kind_) {
   check_residual(W, r, kind_);
   if (stored_transposed(W)) W = W.t();  // V U^T transposed is the same formula with m and n swapped
@@ -314,6 +372,7 @@ void loram_residual_(at::Tensor W, double coef, int64_t r, int64_t kind_) {
   const int64_t m = W.size(0), n = W.size(1), sm = W.stride(0), sn = W.stride(1);
   std::vector<kmath::Terms> rows(m);
   std::vector<double> cp(n), cq(n), cc(n);
+  std::vector<int64_t> los(m), his(m);
   at::parallel_for(0, m, 1024, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) rows[i] = kmath::closed_form_terms(i, m, r, kind);
   });
@@ -326,58 +385,49 @@ void loram_residual_(at::Tensor W, double coef, int64_t r, int64_t kind_) {
     }
   });
   const float scale = static_cast<float>(-coef * kmath::closed_form_amp(m, n, kind));
-  // the run of irregular entries of a row: [lo, hi) holds every j with !closed_form_regular(row.c, cc[j])
-  auto irregular = [&](const kmath::Terms& row, int64_t* lo, int64_t* hi) {
-    const double* first = std::lower_bound(cc.data(), cc.data() + n, row.c + 2 * kmath::kNearTol,
-                                           [](double x, double v) { return x > v; });
-    int64_t a = first - cc.data(), b = a;
-    while (b < n && cc[b] > row.c - 2 * kmath::kNearTol) ++b;
-    while (a < b && kmath::closed_form_regular(row.c, cc[a])) ++a;
-    while (b > a && kmath::closed_form_regular(row.c, cc[b - 1])) --b;
-    *lo = a;
-    *hi = b;
-  };
+  // the run of irregular entries of each row: [lo, hi) holds every j with !closed_form_regular(row.c, cc[j])
+  at::parallel_for(0, m, 1024, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const double c = rows[i].c;
+      const double* first = std::lower_bound(cc.data(), cc.data() + n, c + 2 * kmath::kNearTol,
+                                             [](double x, double v) { return x > v; });
+      int64_t lo = first - cc.data(), hi = lo;
+      while (hi < n && cc[hi] > c - 2 * kmath::kNearTol) ++hi;
+      while (lo < hi && kmath::closed_form_regular(c, cc[lo])) ++lo;
+      while (hi > lo && kmath::closed_form_regular(c, cc[hi - 1])) --hi;
+      los[i] = lo;
+      his[i] = hi;
+    }
+  });
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W.scalar_type(), "loram_residual_", [&] {
     scalar_t* w = W.data_ptr<scalar_t>();
     constexpr bool fused = std::is_same<scalar_t, float>::value || std::is_same<scalar_t, at::BFloat16>::value;
-    const int64_t grain = std::max<int64_t>(16, 65536 / std::max<int64_t>(n, 1));
-    at::parallel_for(0, m, grain, [&](int64_t b, int64_t e) {
-      if (!(fused && sn == 1)) {
-        std::vector<float> buf(n);
+    if (fused && sn == 1) {
+      // rows i and m−1−i together (the middle row of an odd m alone)
+      const int64_t pairs = (m + 1) / 2, grain = std::max<int64_t>(8, 32768 / std::max<int64_t>(n, 1));
+      at::parallel_for(0, pairs, grain, [&](int64_t b, int64_t e) {
         for (int64_t i = b; i < e; ++i) {
-          const kmath::Terms row = rows[i];
-          int64_t lo, hi;
-          irregular(row, &lo, &hi);
-          closed_form_row(buf.data(), row, cp.data(), cq.data(), cc.data(), n);
-          for (int64_t j = lo; j < hi; ++j)
-            buf[j] = kmath::closed_form_entry(row, kmath::Terms{cp[j], cq[j], cc[j]}, i, j, m, n, r, kind);
-          axpy_row(w + i * sm, sn, buf.data(), n, scale);
-        }
-        return;
-      }
-      // column blocks whose terms (3 doubles per column) stay in L1 while the rows of this chunk pass over them
-      constexpr int64_t kBlock = 1024;
-      std::vector<int64_t> los(e - b), his(e - b);
-      for (int64_t i = b; i < e; ++i) irregular(rows[i], &los[i - b], &his[i - b]);
-      for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
-        const int64_t j1 = std::min(n, j0 + kBlock);
-        for (int64_t i = b; i < e; ++i) {
-          const kmath::Terms row = rows[i];
-          scalar_t* wi = w + i * sm;
-          const int64_t lo = std::clamp(los[i - b], j0, j1), hi = std::clamp(his[i - b], j0, j1);
-          for (const auto& seg : {std::make_pair(j0, lo), std::make_pair(hi, j1)}) {
-            if (seg.first >= seg.second) continue;
-            if (std::is_same<scalar_t, float>::value)
-              closed_form_update_f32(reinterpret_cast<float*>(wi), row, cp.data(), cq.data(), cc.data(), seg.first,
-                                     seg.second, scale);
-            else
-              closed_form_update_bf16(reinterpret_cast<uint16_t*>(wi), row, cp.data(), cq.data(), cc.data(),
-                                      seg.first, seg.second, scale);
+          if (i + 1 < e) {  // the next pair's rows, so that memory traffic overlaps this pair's arithmetic
+            prefetch_row(w + (i + 1) * sm, n * sizeof(scalar_t));
+            prefetch_row(w + (m - 2 - i) * sm, n * sizeof(scalar_t));
           }
-          for (int64_t j = lo; j < hi; ++j)  // the irregular run (entries inside it that are regular: same result)
-            wi[j] = kmath::add_scaled(wi[j], scale, kmath::closed_form_entry(row, kmath::Terms{cp[j], cq[j], cc[j]},
-                                                                             i, j, m, n, r, kind));
+          scalar_t* mirror = (m - 1 - i == i) ? nullptr : w + (m - 1 - i) * sm + n;
+          closed_form_rows(w + i * sm, mirror, rows[i], cp.data(), cq.data(), cc.data(), los[i], his[i], i, m, n, r,
+                           kind, scale);
         }
+      });
+      return;
+    }
+    std::vector<float> all(static_cast<size_t>(at::get_num_threads()) * n);
+    at::parallel_for(0, m, std::max<int64_t>(16, 65536 / std::max<int64_t>(n, 1)), [&](int64_t b, int64_t e) {
+      const int64_t slot = std::min<int64_t>(at::get_thread_num(), at::get_num_threads() - 1);
+      float* buf = all.data() + static_cast<size_t>(slot) * n;
+      for (int64_t i = b; i < e; ++i) {
+        const kmath::Terms row = rows[i];
+        closed_form_row(buf, row, cp.data(), cq.data(), cc.data(), n);
+        for (int64_t j = los[i]; j < his[i]; ++j)
+          buf[j] = kmath::closed_form_entry(row, kmath::Terms{cp[j], cq[j], cc[j]}, i, j, m, n, r, kind);
+        axpy_row(w + i * sm, sn, buf, n, scale);
       }
     });
   });

@@ -176,19 +176,28 @@ __global__ void closed_form_terms_kernel(double* __restrict__ out, int64_t count
   }
 }
 
-// W -= coef · V_r U_rᵀ: one thread per entry (grid-stride over 2-D tiles), K(i, j) = kmath::closed_form_entry from
-// the row and column terms (coalesced loads along j), one rounding.
+// W -= coef · V_r U_rᵀ: one thread per pair of entries (grid-stride over 2-D tiles of rows i < ⌈m/2⌉): K(i, j) =
+// kmath::closed_form_entry from the row and column terms (coalesced loads along j), written to (i, j) and, K being
+// centro-symmetric (K(m−1−i, n−1−j) = K(i, j)), to (m−1−i, n−1−j) unless that is the same entry; one rounding each.
+// The same pairs as the CPU kernel, so both give the same bits.
 template <typename scalar_t>
 __global__ void loram_residual_kernel(scalar_t* __restrict__ w, int64_t m, int64_t n, int64_t sm, int64_t sn,
                                       const double* __restrict__ rows, const double* __restrict__ cols, int64_t r,
                                       int kind, float scale) {
-  for (int64_t i = blockIdx.y; i < m; i += gridDim.y) {
+  const int64_t half = (m + 1) / 2;
+  for (int64_t i = blockIdx.y; i < half; i += gridDim.y) {
     const kmath::Terms a{rows[i], rows[m + i], rows[2 * m + i]};
+    const bool mirrored = (m - 1 - i) != i;
     for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < n;
          j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
       const kmath::Terms b{cols[j], cols[n + j], cols[2 * n + j]};
+      const float k = kmath::closed_form_entry(a, b, i, j, m, n, r, kind);
       scalar_t* p = w + i * sm + j * sn;
-      *p = kmath::add_scaled(*p, scale, kmath::closed_form_entry(a, b, i, j, m, n, r, kind));
+      *p = kmath::add_scaled(*p, scale, k);
+      if (mirrored) {
+        scalar_t* q = w + (m - 1 - i) * sm + (n - 1 - j) * sn;
+        *q = kmath::add_scaled(*q, scale, k);
+      }
     }
   }
 }
@@ -206,7 +215,7 @@ void loram_residual_(at::Tensor W, double coef, int64_t r, int64_t kind_) {
   closed_form_terms_kernel<<<blocks_for(n, 256, 4096), 256, 0, stream>>>(cols.data_ptr<double>(), n, r, kind);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const float scale = static_cast<float>(-coef * kmath::closed_form_amp(m, n, kind));
-  dim3 grid(blocks_for(n, 256, 64), static_cast<unsigned>(std::min<int64_t>(m, kMaxGridY)));
+  dim3 grid(blocks_for(n, 256, 64), static_cast<unsigned>(std::min<int64_t>((m + 1) / 2, kMaxGridY)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W.scalar_type(), "loram_residual_", [&] {
     loram_residual_kernel<scalar_t><<<grid, 256, 0, stream>>>(W.data_ptr<scalar_t>(), m, n, W.stride(0), W.stride(1),
                                                               rows.data_ptr<double>(), cols.data_ptr<double>(), r,

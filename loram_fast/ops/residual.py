@@ -159,10 +159,14 @@ def loram_residual_triton_(W: torch.Tensor, coef: float, r: int, kind: str = "ds
     cols = closed_form_terms(n, r, kind, W.device)
     scale = -coef * closed_form_amp(m, n, kind)
     loram_residual(W, rows.reshape(-1), cols.reshape(-1), scale, NEAR_TOL)
-    i, j = closed_form_irregular(rows[2], cols[2])
+    half = (m + 1) // 2  # the kernel's rows; row m−1−i takes row i's K, mirrored
+    i, j = closed_form_irregular(rows[2, :half], cols[2])
     if i.numel():
-        k = closed_form_exact(i, j, m, n, r, kind).float()
-        W[i, j] = (W[i, j].float() + float(scale) * k).to(W.dtype)
+        k = float(scale) * closed_form_exact(i, j, m, n, r, kind).float()
+        W[i, j] = (W[i, j].float() + k).to(W.dtype)
+        keep = (m - 1 - i) != i
+        mi, mj, mk = m - 1 - i[keep], n - 1 - j[keep], k[keep]
+        W[mi, mj] = (W[mi, mj].float() + mk).to(W.dtype)
     return W
 
 
@@ -188,6 +192,12 @@ def loram_residual_(W: torch.Tensor, coef: float, r: int, kind: str = "dst1", *,
 
     ``bases = (dst_basis(m, r), dst_basis(n, r))``, when the caller has them, spares the torch reference rebuilding
     them; the other backends use the closed form and need no basis."""
+    _check_loram_residual(W, r, kind, bases)
+    _, impl = dispatch.resolve("loram_residual_", W.device, backend)
+    return impl(W, float(coef), int(r), kind, bases=bases)
+
+
+def _check_loram_residual(W: torch.Tensor, r: int, kind: str, bases=None) -> None:
     if W.dim() != 2:
         raise ValueError(f"loram_fast.loram_residual_: W must be 2-D, got shape {tuple(W.shape)}")
     if W.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -202,8 +212,11 @@ def loram_residual_(W: torch.Tensor, coef: float, r: int, kind: str = "dst1", *,
         if V.shape != (W.shape[0], r) or U.shape != (W.shape[1], r):
             raise ValueError(f"loram_fast.loram_residual_: bases of shapes {tuple(V.shape)}, {tuple(U.shape)} "
                              f"do not match W {tuple(W.shape)} at r={r}")
-    _, impl = dispatch.resolve("loram_residual_", W.device, backend)
-    return impl(W, float(coef), int(r), kind, bases=bases)
+
+
+# compiled closed-form kernels: they check their arguments and allocate everything before the first store, and
+# nothing after it can fail (no allocation, no error path), so a write that starts also finishes
+_WRITE_CANNOT_FAIL = ("cpu-ext", "cuda")
 
 @dataclass
 class LowRankResidual:
@@ -239,3 +252,16 @@ def apply_residual(W: torch.Tensor, residual: Residual, sign: float = -1.0, *, b
             return loram_residual_(W, -sign * residual.coef, residual.r, residual.kind, backend=backend,
                                    bases=residual.bases)
         return lowrank_update_(W, residual.left, residual.right, sign * residual.coef, backend=backend)
+
+
+def write_cannot_fail(W: torch.Tensor, residual: Residual, *, backend=None) -> bool:
+    """True when :func:`apply_residual` of ``residual`` on W passes every check now and then runs on a kernel that,
+    once it stores its first entry, cannot stop before the last one (LoRAM's closed form on ``cpu-ext`` or
+    ``cuda``). Raises the write's own error for a bad W or residual."""
+    if not isinstance(residual, BasisResidual):
+        return False
+    _check_loram_residual(W, residual.r, residual.kind, residual.bases)
+    if not math.isfinite(residual.coef):
+        return False
+    name, _ = dispatch.resolve("loram_residual_", W.device, backend)
+    return name in _WRITE_CANNOT_FAIL
