@@ -5,7 +5,9 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <utility>
+#include <vector>
 
 #include "kernel_math.h"
 
@@ -42,6 +44,31 @@ inline void check_residual(const at::Tensor& W, int64_t r, int64_t kind) {
   check_float_weight(W, "loram_residual_");
   TORCH_CHECK(r >= 1 && r <= std::min(W.size(0), W.size(1)),
               "loram_fast.loram_residual_: need 1 <= r <= min(m, n), got r=", r, " for W ", W.sizes());
+}
+
+// Several weights of one shape for one residual op: the same shape, dtype, device and layout, one coefficient each,
+// and no memory shared between two different weights (they may be written at the same time; the same weight twice
+// is allowed: its rows are updated in turn).
+inline void check_residual_batch(at::TensorList Ws, at::ArrayRef<double> coefs, int64_t r, int64_t kind) {
+  TORCH_CHECK(Ws.size() == coefs.size(), "loram_fast.loram_residual_batch_: ", Ws.size(), " weights but ",
+              coefs.size(), " coefficients");
+  std::vector<std::pair<uintptr_t, uintptr_t>> spans;
+  for (const auto& W : Ws) {
+    check_residual(W, r, kind);
+    TORCH_CHECK(W.sizes() == Ws[0].sizes() && W.scalar_type() == Ws[0].scalar_type() &&
+                    W.device() == Ws[0].device() && W.strides() == Ws[0].strides(),
+                "loram_fast.loram_residual_batch_: every weight needs the first one's shape, dtype, device and "
+                "strides; got ", W.sizes(), " ", W.scalar_type(), " vs ", Ws[0].sizes(), " ", Ws[0].scalar_type());
+    TORCH_CHECK(W.stride(0) >= 0 && W.stride(1) >= 0, "loram_fast.loram_residual_batch_: negative strides");
+    if (W.numel() == 0) continue;
+    const auto start = reinterpret_cast<uintptr_t>(W.data_ptr());
+    const int64_t last = (W.size(0) - 1) * W.stride(0) + (W.size(1) - 1) * W.stride(1);
+    spans.emplace_back(start, start + static_cast<uintptr_t>((last + 1) * W.element_size()));
+  }
+  std::sort(spans.begin(), spans.end());
+  for (size_t b = 1; b < spans.size(); ++b)
+    TORCH_CHECK(spans[b].first == spans[b - 1].first || spans[b].first >= spans[b - 1].second,
+                "loram_fast.loram_residual_batch_: two different weights share memory");
 }
 
 inline void check_row_norms(const at::Tensor& W, const at::Tensor& B, const at::Tensor& A, int64_t product,
@@ -85,4 +112,5 @@ inline UpdateOperands normalise_update(at::Tensor W, const at::Tensor& B, const 
   m.impl("row_moments", &row_moments);         \
   m.impl("lowrank_update_", &lowrank_update_); \
   m.impl("loram_residual_", &loram_residual_); \
+  m.impl("loram_residual_batch_", &loram_residual_batch_); \
   m.impl("lowrank_row_norms", &lowrank_row_norms)

@@ -15,6 +15,9 @@ TORCH_LIBRARY(loram_fast, m) {
   // W -= coef * V_r @ U_r^T in place (V_r, U_r the first r basis vectors of lengths m and n): the closed form of
   // kernel_math.h, O(1) work per entry for any r, one pass over W, one rounding.
   m.def("loram_residual_(Tensor(a!) W, float coef, int r, int kind) -> ()");
+  // loram_residual_ of several weights of one shape, dtype and layout (W_b -= coefs[b] * V_r @ U_r^T): each row of
+  // the closed form is computed once for all of them. The same bits as one loram_residual_ call per weight.
+  m.def("loram_residual_batch_(Tensor(a!)[] weights, float[] coefs, int r, int kind) -> ()");
   // ||W[i, :] + alpha * (B @ A)[i, :]|| for every row (W m×n any float dtype and strides, B m×r, A r×n), each entry
   // formed as peft's DoRA layer forms it: product and scaling rounded to dtype `product`, the sum to `promoted`
   // (0: fp32, 1: bf16, 2: fp16; kernel_math.h dora_entry); fp32 out.

@@ -31,7 +31,9 @@ import torch
 from .methods.common import LayerInit, product_residual
 from .ops.bases import dst_basis
 from .ops.norms import lowrank_row_norms
-from .ops.residual import BasisResidual, LowRankResidual, Residual, apply_residual, write_cannot_fail
+from .ops import memory
+from .ops.residual import (BasisResidual, LowRankResidual, Residual, apply_residual, apply_residuals,
+                           write_cannot_fail)
 from .ops.sharded import Sharding, all_reduce, any_rank, is_dtensor, local_part, local_tensor
 from .targets import LoraTarget
 
@@ -162,7 +164,7 @@ class Transaction:
         W = target.local_weight()
         if id(target.weight) in self._saved_weights or not (self.exact_rollback or always):
             return
-        copy = W.detach().to(self.snapshot_device or W.device, copy=True)
+        copy = memory.clone(W.detach(), device=self.snapshot_device or W.device)
         self._will(lambda: W.copy_(copy))
         self._saved_weights.add(id(target.weight))
 
@@ -254,23 +256,22 @@ class Transaction:
         pending, self._pending = self._pending, []
         if not pending:
             return
-        done: list[tuple[LoraTarget, Residual]] = []
+        done: list[tuple[torch.Tensor, Residual]] = []  # (weight view, residual) of the completed writes
 
         def undo():
             if len(done) < len(pending):
                 logger.error("loram_fast: a held-back residual write failed after %d of %d weights; those %d are "
                              "restored up to one rounding of their dtype", len(done), len(pending), len(done))
-            for target, residual in reversed(done):
-                apply_residual(target.weight_view(), residual, +1.0, backend=self.backend)
+            for W, residual in reversed(done):
+                apply_residual(W, residual, +1.0, backend=self.backend)
 
         self._will(undo)
         caught = []
         main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame)) if main else None
         try:
-            for target, residual in pending:
-                apply_residual(target.weight_view(), residual, -1.0, backend=self.backend)
-                done.append((target, residual))
+            apply_residuals([(target.weight_view(), residual) for target, residual in pending], -1.0,
+                            backend=self.backend, done=done)
         finally:
             if main:
                 signal.signal(signal.SIGINT, previous)
@@ -411,10 +412,21 @@ class Transaction:
         # rounded to the base weight's dtype (as the references store them; ``unrounded``: not), held in the
         # parameter's own dtype, shape and device; a copy unless the method owns ``value`` outright (it may be a view
         # of W, a cached basis or a factor a residual record keeps)
-        rounded = value if unrounded else value.to(target.weight.dtype)
-        new = rounded.to(device=param.device, dtype=param.dtype).reshape(param.shape)
-        if new.data_ptr() == value.data_ptr() and not owned:
-            new = new.clone()
+        narrow = target.weight.dtype in (torch.bfloat16, torch.float16)
+        if (not unrounded and narrow and value.dtype == param.dtype == torch.float32
+                and value.device == param.device):
+            # fp32 adapters of a bf16 / fp16 weight: rounded through the weight's dtype in place (in the method's own
+            # tensor when it owns it, else a copy in fresh memory), chunk by chunk (no whole-size temporaries): the
+            # same bits as .to(W).to(fp32)
+            new = value.reshape(param.shape) if owned and value.is_contiguous() else memory.clone(
+                value.reshape(param.shape))
+            for chunk in new.view(-1).split(1 << 20):
+                chunk.copy_(chunk.to(target.weight.dtype))
+        else:
+            rounded = value if unrounded else value.to(target.weight.dtype)
+            new = rounded.to(device=param.device, dtype=param.dtype).reshape(param.shape)
+            if new.data_ptr() == value.data_ptr() and not owned:
+                new = new.clone()
         data = param.data
         owns_storage = (type(data) is torch.Tensor and data._base is None and data.is_contiguous()
                         and data.untyped_storage().nbytes() == data.numel() * data.element_size())

@@ -107,6 +107,7 @@ def test_opcheck_every_op(backend):
         (ops.lowrank_update_.default,
          (W.clone(), torch.randn(9, 2, device=device), torch.randn(2, 7, device=device), 0.5)),
         (ops.loram_residual_.default, (W.clone(), 0.5, 3, 0)),
+        (ops.loram_residual_batch_.default, ([W.clone(), W.clone()], [0.5, -0.25], 3, 0)),
         (ops.lowrank_row_norms.default,
          (W, torch.randn(9, 2, device=device), torch.randn(2, 7, device=device), 0.5, 0, 0)),
     ]
@@ -196,3 +197,97 @@ def test_same_argument_checks_on_every_path(backend):
         loram_residual_(W, 0.5, 8)
     with pytest.raises(ValueError, match="unknown kind"):
         loram_residual_(W, 0.5, 3, "dst2")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["dst1", "dct2"])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_residual_batch_is_one_call_per_weight_bit_for_bit(dtype, kind, transposed, backend):
+    """Each row of K formed once for several weights of one shape: the same bits as one loram_residual_ per weight
+    (odd and even m; the same weight twice is two writes in turn)."""
+    _, device = backend
+    for m, n, r in [(37, 1000, 16), (256, 256, 255), (301, 64, 7)]:
+        Ws = [(torch.randn(n, m).T if transposed else torch.randn(m, n)).to(dtype).to(device) for _ in range(3)]
+        coefs = [0.7, -0.2, 1.3]
+        expect = [W.clone() for W in Ws]
+        for W, c in zip(expect, coefs):
+            ops.loram_residual_(W, c, r, ["dst1", "dct2"].index(kind))
+        got = [W.clone() for W in Ws]
+        ops.loram_residual_batch_(got, coefs, r, ["dst1", "dct2"].index(kind))
+        for g, e in zip(got, expect):
+            assert torch.equal(g.view(torch.int16 if g.element_size() == 2 else torch.int32),
+                               e.view(torch.int16 if e.element_size() == 2 else torch.int32)), (m, n, r)
+        twice, once = Ws[0].clone(), Ws[0].clone()
+        ops.loram_residual_batch_([twice, twice], [0.5, 0.25], r, 0)
+        ops.loram_residual_(once, 0.5, r, 0)
+        ops.loram_residual_(once, 0.25, r, 0)
+        assert torch.equal(twice, once)
+
+
+def test_residual_batch_refuses_mixed_or_overlapping_weights(backend):
+    _, device = backend
+    W = torch.randn(40, 30, device=device)
+    with pytest.raises(RuntimeError, match="2 weights but 1 coefficients"):
+        ops.loram_residual_batch_([W, W.clone()], [0.5], 3, 0)
+    with pytest.raises(RuntimeError, match="first one's shape, dtype, device and strides"):
+        ops.loram_residual_batch_([W, torch.randn(30, 40, device=device)], [0.5, 0.5], 3, 0)
+    with pytest.raises(RuntimeError, match="first one's shape"):
+        ops.loram_residual_batch_([W, W.clone().T.contiguous().T], [0.5, 0.5], 3, 0)
+    big = torch.randn(60, 30, device=device)
+    with pytest.raises(RuntimeError, match="share memory"):
+        ops.loram_residual_batch_([big[:40], big[20:]], [0.5, 0.5], 3, 0)
+    with pytest.raises(RuntimeError, match="need 1 <= r <= min"):
+        ops.loram_residual_batch_([W], [0.5], 31, 0)
+
+
+def test_apply_residuals_equals_one_write_after_another(backend):
+    """The flush of held-back writes (ops.residual.apply_residuals) groups LoRAM residuals by shape, rank and kind:
+    the same bits as apply_residual in order, also for a weight that appears in two groups or twice in one."""
+    from loram_fast.ops.residual import BasisResidual, LowRankResidual, apply_residual, apply_residuals
+
+    name, device = backend
+    g = torch.Generator().manual_seed(0)
+    square = [torch.randn(64, 64, generator=g).to(device) for _ in range(3)]
+    wide = [torch.randn(32, 96, generator=g).to(torch.bfloat16).to(device) for _ in range(2)]
+    lowrank = LowRankResidual(0.3, torch.randn(64, 4, generator=g).to(device), torch.randn(4, 64, generator=g).to(device))
+    plans = [
+        [(square[0], BasisResidual(0.5, 8, "dst1")), (wide[0], BasisResidual(0.2, 4, "dst1")),
+         (square[1], BasisResidual(-0.7, 8, "dst1")), (wide[1], BasisResidual(0.4, 4, "dst1")),
+         (square[2], BasisResidual(0.1, 8, "dct2")), (square[1], lowrank)],
+        [(square[0], BasisResidual(0.5, 8, "dst1")), (square[0], BasisResidual(0.25, 8, "dst1"))],  # twice
+        [(square[0], BasisResidual(0.5, 8, "dst1")), (square[1], BasisResidual(0.3, 8, "dst1")),
+         (square[0], BasisResidual(0.2, 4, "dst1"))],  # square[0] in two groups: one call each, in order
+    ]
+    for plan in plans:
+        expect = {id(W): W.clone() for W, _ in plan}
+        got = {id(W): W.clone() for W, _ in plan}
+        for W, res in plan:
+            apply_residual(expect[id(W)], res, backend=name)
+        done = []
+        apply_residuals([(got[id(W)], res) for W, res in plan], backend=name, done=done)
+        assert len(done) == len(plan)
+        for key in expect:
+            assert torch.equal(got[key], expect[key])
+
+
+def test_fresh_memory_asks_for_huge_pages(monkeypatch):
+    """ops.memory.empty advises huge pages on the 2 MiB-aligned inside of a large CPU tensor, nothing for a small one,
+    and nothing with LORAM_FAST_HUGE_PAGES=0; the values and the tensor are ordinary."""
+    from loram_fast.ops import memory
+
+    calls = []
+    monkeypatch.setattr(memory, "_madvise", lambda: lambda start, length, advice: calls.append((start, length, advice)))
+    t = memory.empty((3 << 20,), dtype=torch.float32)  # 12 MiB
+    assert t.shape == (3 << 20,) and t.dtype == torch.float32 and t.is_contiguous()
+    (start, length, advice), = calls
+    assert advice == 14 and start % (2 << 20) == 0 and length % (2 << 20) == 0 and length >= 10 << 20
+    assert t.data_ptr() <= start and start + length <= t.data_ptr() + t.numel() * 4
+    memory.empty((1000,), dtype=torch.float32)
+    assert len(calls) == 1
+    src = torch.randn(600, 1000)
+    assert torch.equal(memory.clone(src), src)
+    monkeypatch.undo()
+    monkeypatch.setenv("LORAM_FAST_HUGE_PAGES", "0")
+    memory._madvise.cache_clear()
+    assert memory._madvise() is None
+    memory._madvise.cache_clear()  # read again after the environment is restored

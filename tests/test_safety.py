@@ -235,16 +235,14 @@ def test_held_back_writes_failing_restore_up_to_rounding_and_say_so(llama_base, 
     here before it writes), the weights written before it are restored up to one rounding and the log says so."""
     model = _peft(copy.deepcopy(llama_base).to(torch.bfloat16))
     before = full_state(model)
-    original = transaction.apply_residual
-    calls = {"n": 0}
 
-    def third_fails(W, residual, sign=-1.0, **kw):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("simulated")
-        return original(W, residual, sign, **kw)
+    def third_fails(writes, sign=-1.0, *, backend=None, done):
+        for W, residual in writes[:2]:
+            transaction.apply_residual(W, residual, sign, backend=backend)
+            done.append((W, residual))
+        raise RuntimeError("simulated")
 
-    monkeypatch.setattr(transaction, "apply_residual", third_fails)
+    monkeypatch.setattr(transaction, "apply_residuals", third_fails)
     with caplog.at_level("ERROR", logger="loram_fast"), pytest.raises(RuntimeError, match="simulated"):
         loram_fast.init_model(model, "loram", progress=False)
     assert "failed after 2 of" in caplog.text and "up to one rounding" in caplog.text
@@ -260,19 +258,18 @@ def test_ctrl_c_during_held_back_writes_completes_the_init_then_interrupts(llama
     model = _peft(copy.deepcopy(llama_base))
     clean = _peft(copy.deepcopy(llama_base))
     loram_fast.init_model(clean, "loram", progress=False)
-    original = transaction.apply_residual
+    original = transaction.apply_residuals
     calls = {"n": 0}
 
-    def interrupted_mid_flush(W, residual, sign=-1.0, **kw):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            os.kill(os.getpid(), signal.SIGINT)  # arrives while the weights are being written
-        return original(W, residual, sign, **kw)
+    def interrupted_mid_flush(writes, sign=-1.0, **kw):
+        calls["n"] += len(writes)
+        os.kill(os.getpid(), signal.SIGINT)  # arrives while the weights are being written
+        return original(writes, sign, **kw)
 
-    monkeypatch.setattr(transaction, "apply_residual", interrupted_mid_flush)
+    monkeypatch.setattr(transaction, "apply_residuals", interrupted_mid_flush)
     with pytest.raises(KeyboardInterrupt):
         loram_fast.init_model(model, "loram", progress=False)
-    assert calls["n"] > 3
+    assert calls["n"] == 6
     assert_same(model, full_state(clean))
 
 
@@ -581,9 +578,11 @@ def test_bf16_residual_rounded_once_from_the_exact_value(llama_base, monkeypatch
         return worst
 
     assert agreement() >= 0.99
-    original = transaction.apply_residual
+    original, batched = transaction.apply_residual, transaction.apply_residuals  # a residual 1 % short: caught
     monkeypatch.setattr(transaction, "apply_residual",
                         lambda W, residual, sign=-1.0, **kw: original(W, residual, sign * 0.99, **kw))
+    monkeypatch.setattr(transaction, "apply_residuals",
+                        lambda writes, sign=-1.0, **kw: batched(writes, sign * 0.99, **kw))
     assert agreement() < 0.99
 
 

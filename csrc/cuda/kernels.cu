@@ -224,6 +224,12 @@ void loram_residual_(at::Tensor W, double coef, int64_t r, int64_t kind_) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// One kernel per weight (the GPU is bound by memory traffic, not by the closed form's arithmetic).
+void loram_residual_batch_(at::TensorList weights, at::ArrayRef<double> coefs, int64_t r, int64_t kind) {
+  check_residual_batch(weights, coefs, r, kind);
+  for (size_t b = 0; b < weights.size(); ++b) loram_residual_(weights[b], coefs[b], r, kind);
+}
+
 // ||W[i, :] + alpha * (B @ A)[i, :]|| per row: one block per row (grid-stride over rows), threads over the columns;
 // each entry's product over the rank in fp32 (B's row broadcast, A's rows coalesced in j), formed as peft does
 // (kmath::dora_entry), squares summed in fp32 lanes and combined in double.

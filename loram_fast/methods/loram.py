@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from ..ops import memory
 from ..ops.bases import basis_column_sums, dst_basis
 from ..ops.moments import weight_moments
 from .common import BasisResidual, LayerInit
@@ -98,11 +99,22 @@ def loram_from_moments(mom, shape: tuple[int, int], device, r: int, scaling: flo
             bases[key] = out
         return out
 
+    def transposed(size: int) -> torch.Tensor:  # Uᵀ contiguous, once per call and size (a strided read is slow)
+        key = (size, r, kind, device, "T")
+        if bases is not None and key in bases:
+            return bases[key]
+        out = basis(size).T.contiguous()
+        if bases is not None:
+            bases[key] = out
+        return out
+
     U, V = basis(n), basis(m)  # in×r, out×r
     basis_sum = float((basis_column_sums(m, r, kind) * basis_column_sums(n, r, kind)).sum())
     beta = loram_beta(var_w, basis_sum, m, n, r)
-    A = torch.mul(U.T, beta, out=U.new_empty(r, n))  # one fresh tensor each (fresh memory is not free)
-    B = V * beta
+    # one fresh tensor each, with huge pages where the system has them (fresh memory is not free: ops/memory.py)
+    Ut = transposed(n)
+    A = torch.mul(Ut, beta, out=memory.empty((r, n), dtype=Ut.dtype, device=Ut.device))
+    B = torch.mul(V, beta, out=memory.empty(tuple(V.shape), dtype=V.dtype, device=V.device))
     return LayerInit(A=A, B=B, scaling=scaling, residual=BasisResidual(scaling * beta * beta, r, kind, bases=(V, U)),
                      owned=True)
 

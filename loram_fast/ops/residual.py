@@ -180,10 +180,17 @@ def loram_residual_native_(W: torch.Tensor, coef: float, r: int, kind: str = "ds
     return W
 
 
+@dispatch.register("loram_residual_batch_", "cpu-ext", "cuda")
+def loram_residual_batch_native_(Ws: list[torch.Tensor], coefs: list[float], r: int, kind: str = "dst1") -> None:
+    """The closed form in csrc/ for several weights of one shape: each row of K formed once for all of them."""
+    torch.ops.loram_fast.loram_residual_batch_(Ws, [float(c) for c in coefs], int(r), KINDS.index(kind))
+
+
 @dispatch.on_native_load
 def _fake() -> None:
     torch.library.register_fake("loram_fast::lowrank_update_")(lambda W, B, A, alpha: None)
     torch.library.register_fake("loram_fast::loram_residual_")(lambda W, coef, r, kind: None)
+    torch.library.register_fake("loram_fast::loram_residual_batch_")(lambda weights, coefs, r, kind: None)
 
 
 def loram_residual_(W: torch.Tensor, coef: float, r: int, kind: str = "dst1", *, backend=None,
@@ -265,3 +272,51 @@ def write_cannot_fail(W: torch.Tensor, residual: Residual, *, backend=None) -> b
         return False
     name, _ = dispatch.resolve("loram_residual_", W.device, backend)
     return name in _WRITE_CANNOT_FAIL
+
+
+def _span(W: torch.Tensor) -> tuple[int, int]:
+    last = sum((size - 1) * stride for size, stride in zip(W.shape, W.stride())) if W.numel() else -1
+    start = W.data_ptr()
+    return start, start + (last + 1) * W.element_size()
+
+
+def apply_residuals(writes: list[tuple[torch.Tensor, Residual]], sign: float = -1.0, *, backend=None,
+                    done: Optional[list] = None) -> None:
+    """:func:`apply_residual` of every ``(W, residual)`` in order, with the same result, bit for bit. LoRAM residuals
+    of weights of one shape, rank and kind (same dtype, device and strides) go to the compiled kernel together, where
+    it has a batched form: each row of the closed form is then computed once for all of them (``bench/floor.py``).
+    Weights that appear in two groups, or that share memory, are written one call each, in order. ``done``: the
+    writes completed so far are appended to it as they complete."""
+    done = [] if done is None else done
+    groups: dict = {}
+    for W, residual in writes:
+        key = ((residual.r, residual.kind, tuple(W.shape), W.stride(), W.dtype, W.device)
+               if isinstance(residual, BasisResidual) else None)
+        groups.setdefault(key if key is not None else ("single", len(groups)), []).append((W, residual))
+    owners: dict = {}
+    for key, items in groups.items():
+        for W, _ in items:
+            owners.setdefault(W.data_ptr(), set()).add(key)
+    spans = sorted({(_span(W), W.data_ptr()) for W, _ in writes if W.numel()})
+    shared = any(b[0][0] < a[0][1] and b[1] != a[1] for a, b in zip(spans, spans[1:]))
+    batchable = not shared and all(len(keys) == 1 for keys in owners.values())
+    with torch.no_grad():
+        if not batchable:
+            for W, residual in writes:
+                apply_residual(W, residual, sign, backend=backend)
+                done.append((W, residual))
+            return
+        for key, items in groups.items():
+            W0, first = items[0]
+            name = (dispatch.resolve("loram_residual_", W0.device, backend)[0]
+                    if key[0] != "single" and len(items) > 1 else None)
+            if name in _WRITE_CANNOT_FAIL:
+                for W, residual in items:
+                    _check_loram_residual(W, residual.r, residual.kind, residual.bases)
+                _, impl = dispatch.resolve("loram_residual_batch_", W0.device, name)
+                impl([W for W, _ in items], [-sign * res.coef for _, res in items], first.r, first.kind)
+                done.extend(items)
+            else:
+                for W, residual in items:
+                    apply_residual(W, residual, sign, backend=backend)
+                    done.append((W, residual))
