@@ -7,9 +7,10 @@ MLP 2752), all 14 LoRA layers: ``floor`` is one in-place read+write pass over th
 the least any residual init can do; LoRAM's ideal is that plus one read (the variance). Each provider runs on a
 freshly wrapped model (wrapping not timed), timed interleaved with the floor; ``÷ floor`` = provider time / floor
 time in the same run. Providers: ``init_model(..., "loram" | "loram_dct")`` at r = 16 and r = 256 (the compiled
-closed form: O(1) work per entry for any r), ``loram`` with ``exact_rollback=False`` (no weight copies kept for
-the rollback), ``loram`` with the torch backend forced (the rank-r product), and the LoRAM reference code path at
-r = 16.
+closed form: O(1) work per entry for any r, one row of K per two entries and per weight shape; the residual writes
+held back to the end of the transaction, so no weight copy is kept), ``loram`` with the torch backend forced (the
+rank-r product, written weight by weight after a copy of each for the rollback), and the LoRAM reference code path
+at r = 16.
 """
 from __future__ import annotations
 
@@ -58,8 +59,6 @@ def run(hidden, inter, rank, dtype, device, reps, with_torch):
     fns = {"floor (one read+write pass)": floor,
            "loram_fast loram": lambda: loram_fast.init_model(holder["m"], "loram", progress=False),
            "loram_fast loram_dct": lambda: loram_fast.init_model(holder["m"], "loram_dct", progress=False)}
-    fns["loram_fast loram, exact_rollback=False"] = lambda: loram_fast.init_model(holder["m"], "loram", progress=False,
-                                                                                  exact_rollback=False)
     if with_torch:
         fns["loram_fast loram, torch backend"] = lambda: loram_fast.init_model(holder["m"], "loram", backend="torch",
                                                                                progress=False)

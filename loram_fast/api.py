@@ -161,7 +161,9 @@ def init_model(model: nn.Module, method: str = "loram", **kwargs) -> nn.Module:
     - ``allow_shared_base=True``: write a residual even where another adapter of the layer or a tied parameter
       (e.g. an embedding tied to ``lm_head``) shares the base weight, changing their output too (refused otherwise).
     - ``snapshot_device``: where the copies of changed base weights wait until the call returns (exact rollback);
-      default the weight's own device, ``"cpu"`` for GPU models short on memory. ``exact_rollback=False`` keeps no
+      default the weight's own device, ``"cpu"`` for GPU models short on memory. A first LoRAM init on the compiled
+      kernels needs no copies: its residual writes come last and cannot fail once started (see
+      ``Transaction.flush``; a Ctrl-C during them is answered after the call commits). ``exact_rollback=False`` keeps no
       copies (no extra memory; on CPU fresh memory for the copies often costs more than the init itself): a failed
       call then restores each base weight by adding its residual back, exact up to a rounding of the weight's dtype
       per undone write, and says so in the error log.

@@ -14,6 +14,11 @@ runs the log backwards: the model is left bit-identical to before the call. With
 copy is kept: the inverse of a residual write is adding the residual back (exact up to one rounding per entry of
 the weight's dtype for each undone write; the rollback says so in its log line).
 
+Held-back writes: a residual whose kernel cannot fail once it starts (LoRAM's closed form on ``cpu-ext`` or
+``cuda``, :func:`~loram_fast.ops.residual.write_cannot_fail`), on a weight nothing else in the call changes or reads
+afterwards, needs no copy: it is held back and written by :meth:`Transaction.flush`, the transaction's last step
+(weights of one shape together, :func:`~loram_fast.ops.residual.apply_residuals`). See :meth:`flush` for Ctrl-C.
+
 Residual records: ``layer._loram_fast_residuals[adapter]`` holds the residual an init subtracted (its factors, or
 LoRAM's basis coefficients), so a second init of the same adapter puts it back first (exact up to one rounding
 of the weight's dtype) instead of stacking two residuals.
