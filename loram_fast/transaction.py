@@ -224,6 +224,7 @@ class Transaction:
             defer = residual is not None and self._can_defer(target, init, residual)
             if residual is not None and not defer:
                 self._save_weight(target)
+                self._write_held_back(target.weight)  # earlier held-back writes to this weight keep their order
             trainable = self._adapter_trainable(layer)
             if init.rank is not None and init.rank != layer.r[self.adapter]:
                 self._resize(layer, init.rank, init.lora_alpha)
@@ -250,6 +251,16 @@ class Transaction:
         if id(target.weight) in self._saved_weights or target.layer.use_dora.get(self.adapter, False):
             return False
         return write_cannot_fail(target.weight_view(), residual, backend=self.backend)
+
+    def _write_held_back(self, weight) -> None:
+        """Write now the held-back residuals of ``weight`` (a weight shared by several targets whose next write cannot
+        be held back): every weight gets its residuals in the order of the targets, as without holding back."""
+        mine = [(t, res) for t, res in self._pending if t.weight is weight]
+        if not mine:
+            return
+        self._pending = [(t, res) for t, res in self._pending if t.weight is not weight]
+        for t, res in mine:
+            self._apply(t, res, -1.0)
 
     def flush(self) -> None:
         """Write the held-back residuals: the last step of the transaction, after every other change. Each write runs

@@ -378,6 +378,42 @@ def test_tied_lm_head_is_refused_for_residual_methods(tokens):
     assert torch.isfinite(logits(model, tokens)).all() and relative_error(logits(model, tokens), y0) > 1e-6
 
 
+@pytest.mark.parametrize("exact_rollback", [True, False])
+def test_held_back_writes_keep_their_order_on_a_shared_weight(llama_base, monkeypatch, exact_rollback):
+    """q_proj and o_proj tied to one weight, q_proj's write held back, o_proj's not: the weight still gets q_proj's
+    residual first, bit for bit as when nothing is held back (and an interrupt after both restores it)."""
+    def tied():
+        m = _peft(copy.deepcopy(llama_base), ["q_proj", "o_proj"], rank_pattern={"o_proj": 2})  # two residuals
+        attn = m.base_model.model.model.layers[0].self_attn
+        attn.o_proj.base_layer.weight = attn.q_proj.base_layer.weight
+        return m, attn
+
+    def run(defer_q, interrupt=False):
+        model, attn = tied()
+        before = full_state(model)
+        original = transaction.Transaction._can_defer
+
+        def can_defer(self, target, init, residual):
+            return defer_q and target.layer is attn.q_proj and original(self, target, init, residual)
+
+        monkeypatch.setattr(transaction.Transaction, "_can_defer", can_defer)
+        if interrupt:
+            monkeypatch.setattr(transaction.Transaction, "commit_config",
+                                lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
+            with pytest.raises(KeyboardInterrupt):
+                loram_fast.init_model(model, "loram", progress=False, allow_shared_base=True,
+                                      exact_rollback=exact_rollback)
+            (assert_same if exact_rollback else _assert_within_one_rounding)(model, before)
+        else:
+            loram_fast.init_model(model, "loram", progress=False, allow_shared_base=True,
+                                  exact_rollback=exact_rollback)
+        monkeypatch.undo()
+        return attn.q_proj.base_layer.weight.detach().clone()
+
+    assert torch.equal(run(defer_q=True), run(defer_q=False))
+    run(defer_q=True, interrupt=True)
+
+
 def test_other_adapter_on_the_same_base_is_refused(llama_base, tokens):
     model = _peft(copy.deepcopy(llama_base))
     loram_fast.init_model(model, "loram", progress=False)

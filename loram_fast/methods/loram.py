@@ -109,7 +109,12 @@ def loram_from_moments(mom, shape: tuple[int, int], device, r: int, scaling: flo
         return out
 
     U, V = basis(n), basis(m)  # in×r, out×r
-    basis_sum = float((basis_column_sums(m, r, kind) * basis_column_sums(n, r, kind)).sum())
+    key = (m, n, r, kind, "sum")  # sum of V Uᵀ, once per call and shape
+    basis_sum = bases.get(key) if bases is not None else None
+    if basis_sum is None:
+        basis_sum = float((basis_column_sums(m, r, kind) * basis_column_sums(n, r, kind)).sum())
+        if bases is not None:
+            bases[key] = basis_sum
     beta = loram_beta(var_w, basis_sum, m, n, r)
     # one fresh tensor each, with huge pages where the system has them (fresh memory is not free: ops/memory.py)
     Ut = transposed(n)
