@@ -291,3 +291,48 @@ def test_fresh_memory_asks_for_huge_pages(monkeypatch):
     memory._madvise.cache_clear()
     assert memory._madvise() is None
     memory._madvise.cache_clear()  # read again after the environment is restored
+
+
+_BF16_SCRIPT = """
+import sys, torch
+from loram_fast.ops.dispatch import backends
+backends()
+g = torch.Generator().manual_seed(0)
+W = torch.randn(301, 517, generator=g) * 0.05
+W.view(-1)[:9] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e-40, -1e-39, 3.0e38, 0.0, -0.0, 2e-38])
+W = W.to(torch.bfloat16)
+out = [W.clone(), W.clone(), W.T.contiguous().T]
+torch.ops.loram_fast.loram_residual_batch_(out[:2], [0.7, 1e-36], 16, 0)  # 1e-36: subnormal sums
+torch.ops.loram_fast.loram_residual_(out[2], -0.3, 5, 1)
+U = W.clone()
+torch.ops.loram_fast.lowrank_update_(U, torch.randn(301, 4, generator=g), torch.randn(4, 517, generator=g), 0.3)
+torch.save([t.contiguous().view(torch.int16) for t in out + [U]], sys.argv[1])
+"""
+
+
+def test_bf16_hardware_rounding_is_bit_for_bit_the_portable_loop(tmp_path):
+    """On a CPU with AVX512-BF16 the bf16 row updates round with vcvtneps2bf16: the same bits as the portable loops
+    (LORAM_FAST_NO_BF16_HW=1), NaN, infinities and subnormal results included."""
+    import os
+    import subprocess
+    import sys
+
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    if "avx512_bf16" not in flags:
+        pytest.skip("this CPU has no AVX512-BF16: the portable loops run everywhere")
+    if os.environ.get("LORAM_FAST_NO_BF16_HW"):
+        pytest.skip("LORAM_FAST_NO_BF16_HW is set: this process runs the portable loops too")
+    script = tmp_path / "run.py"
+    script.write_text(_BF16_SCRIPT)
+    subprocess.run([sys.executable, str(script), str(tmp_path / "portable.pt")], check=True,
+                   env={**os.environ, "LORAM_FAST_NO_BF16_HW": "1"})
+    argv = sys.argv
+    try:  # the same script in this process: the hardware rounding
+        sys.argv = ["run.py", str(tmp_path / "hw.pt")]
+        exec(compile(_BF16_SCRIPT, "run.py", "exec"), {"__name__": "__main__"})
+    finally:
+        sys.argv = argv
+    results = [torch.load(tmp_path / "hw.pt"), torch.load(tmp_path / "portable.pt")]
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    assert (results[0][0] != torch.zeros_like(results[0][0])).any()

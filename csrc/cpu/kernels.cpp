@@ -5,9 +5,14 @@
 
 #include "../common.h"
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -206,8 +211,70 @@ void axpy_row_generic(scalar_t* row, int64_t stride, const float* p, int64_t n, 
 }
 
 // row[j] <- row[j] + a * p[j], rounded once to the row's dtype.
+// On CPUs with AVX512-BF16 the bf16 rows are rounded by vcvtneps2bf16 (nearest even, as c10::BFloat16 rounds), 16
+// entries per instruction; a vector holding a NaN or a subnormal (where the instruction gives another NaN, or flushes
+// to zero) is rounded on the bits instead, so the result is bit for bit that of the loops above (tested).
+// LORAM_FAST_NO_BF16_HW=1 (read once) keeps the portable loops.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && __GNUC__ >= 12
+#define LORAM_FAST_BF16_HW 1
+#define LORAM_FAST_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+
+LORAM_FAST_BF16_TARGET inline __m256i round_bf16_hw(__m512 y) {
+  if (__builtin_expect(_mm512_fpclass_ps_mask(y, 0xA1) != 0, 0)) {  // QNaN (0x01), subnormal (0x20), SNaN (0x80)
+    alignas(64) float t[16];
+    alignas(32) uint16_t o[16];
+    _mm512_store_ps(t, y);
+    for (int l = 0; l < 16; ++l) o[l] = round_bf16_bits(t[l]);
+    return _mm256_load_si256(reinterpret_cast<const __m256i*>(o));
+  }
+  return (__m256i)_mm512_cvtneps_pbh(y);
+}
+
+LORAM_FAST_BF16_TARGET inline __m512 load_bf16_hw(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+LORAM_FAST_BF16_TARGET void axpy_row_bf16_hw(uint16_t* __restrict row, const float* __restrict p, int64_t n,
+                                             float a) {
+  const __m512 av = _mm512_set1_ps(a);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 y = _mm512_fmadd_ps(av, _mm512_loadu_ps(p + j), load_bf16_hw(row + j));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + j), round_bf16_hw(y));
+  }
+  for (; j < n; ++j) row[j] = round_bf16_bits(bf16_bits_to_float(row[j]) + a * p[j]);
+}
+
+LORAM_FAST_BF16_TARGET void axpy_reversed_bf16_hw(uint16_t* __restrict row, const float* __restrict p, int64_t n,
+                                                  float a) {
+  const __m512 av = _mm512_set1_ps(a);
+  const __m512i reverse = _mm512_set_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {  // row[n−16−j .. n−1−j] += a · reversed(p[j .. j+15])
+    const __m512 k = _mm512_permutexvar_ps(reverse, _mm512_loadu_ps(p + j));
+    const __m512 y = _mm512_fmadd_ps(av, k, load_bf16_hw(row + n - 16 - j));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + n - 16 - j), round_bf16_hw(y));
+  }
+  for (; j < n; ++j) row[n - 1 - j] = round_bf16_bits(bf16_bits_to_float(row[n - 1 - j]) + a * p[j]);
+}
+
+bool bf16_hw() {
+  static const bool ok = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                         std::getenv("LORAM_FAST_NO_BF16_HW") == nullptr;
+  return ok;
+}
+#endif
+
 template <typename scalar_t>
 inline void axpy_row(scalar_t* row, int64_t stride, const float* p, int64_t n, float a) {
+#ifdef LORAM_FAST_BF16_HW
+  if (stride == 1 && std::is_same<scalar_t, at::BFloat16>::value && bf16_hw()) {
+    axpy_row_bf16_hw(reinterpret_cast<uint16_t*>(row), p, n, a);
+    return;
+  }
+#endif
   if (stride == 1 && std::is_same<scalar_t, at::BFloat16>::value)
     axpy_row_bf16(reinterpret_cast<uint16_t*>(row), p, n, a);
   else if (stride == 1 && std::is_same<scalar_t, float>::value)
@@ -289,6 +356,12 @@ LORAM_FAST_CLONES void axpy_reversed_bf16(uint16_t* __restrict row, const float*
 
 template <typename scalar_t>
 inline void axpy_reversed(scalar_t* row, int64_t stride, const float* p, int64_t n, float a) {
+#ifdef LORAM_FAST_BF16_HW
+  if (stride == 1 && std::is_same<scalar_t, at::BFloat16>::value && bf16_hw()) {
+    axpy_reversed_bf16_hw(reinterpret_cast<uint16_t*>(row), p, n, a);
+    return;
+  }
+#endif
   if (stride == 1 && std::is_same<scalar_t, at::BFloat16>::value)
     axpy_reversed_bf16(reinterpret_cast<uint16_t*>(row), p, n, a);
   else if (stride == 1 && std::is_same<scalar_t, float>::value)
