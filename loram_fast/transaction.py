@@ -49,19 +49,32 @@ _MISSING = object()
 
 
 @contextlib.contextmanager
-def _sigint_deferred():
-    """Hold back SIGINT (Ctrl-C) until the block ends, then deliver it (main thread only; elsewhere a no-op)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
+def _sigint_held(deliver_at_exit: bool = True):
+    """Hold back SIGINT (Ctrl-C) during the block (main thread, where Python installed the handler; elsewhere a
+    no-op). Yields a list that receives a function answering the held interrupt as the previous handler would
+    (KeyboardInterrupt, or the default action); with ``deliver_at_exit`` it is called when the block ends."""
+    held: list = []
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is None):  # a handler not installed from Python cannot be restored
+        yield held
         return
     caught = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
     try:
-        yield
+        yield held
     finally:
         signal.signal(signal.SIGINT, previous)
-    if caught and callable(previous):
-        previous(signal.SIGINT, caught[0])
+        if caught:
+            held.append(lambda: _answer_sigint(previous, caught[0]))
+    if held and deliver_at_exit:
+        held[0]()
+
+
+def _answer_sigint(handler, frame) -> None:
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+    elif handler == signal.SIG_DFL:
+        signal.raise_signal(signal.SIGINT)
 
 
 class ReplacedWeight:
@@ -179,7 +192,7 @@ class Transaction:
         if self.exact_rollback:
             apply_residual(target.weight_view(), residual, sign, backend=self.backend)
             return
-        with _sigint_deferred():
+        with _sigint_held():
             try:
                 apply_residual(target.weight_view(), residual, sign, backend=self.backend)
             except BaseException:
@@ -282,17 +295,11 @@ class Transaction:
                 apply_residual(W, residual, +1.0, backend=self.backend)
 
         self._will(undo)
-        caught = []
-        main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame)) if main else None
-        try:
+        with _sigint_held(deliver_at_exit=False) as held:
             apply_residuals([(target.weight_view(), residual) for target, residual in pending], -1.0,
                             backend=self.backend, done=done)
-        finally:
-            if main:
-                signal.signal(signal.SIGINT, previous)
-        if caught and callable(previous):
-            self._held_sigint = lambda: previous(signal.SIGINT, caught[0])
+        if held:
+            self._held_sigint = held[0]
 
     def _replace(self, target: LoraTarget, new_weight: torch.Tensor) -> None:
         """The base weight becomes ``new_weight`` (out×in, rounded once to the weight's dtype). It has no inverse, so

@@ -202,32 +202,38 @@ __global__ void loram_residual_kernel(scalar_t* __restrict__ w, int64_t m, int64
   }
 }
 
-void loram_residual_(at::Tensor W, double coef, int64_t r, int64_t kind_) {
-  check_residual(W, r, kind_);
-  const c10::cuda::CUDAGuard guard(W.device());
-  if (stored_transposed(W)) W = W.t();  // V U^T transposed is the same formula with m and n swapped
+// The row and column terms are computed once (the only allocation), before the first store; then one kernel per
+// weight (the GPU is bound by memory traffic, not by the closed form's arithmetic).
+void loram_residual_batch_(at::TensorList weights, at::ArrayRef<double> coefs, int64_t r, int64_t kind_) {
+  check_residual_batch(weights, coefs, r, kind_);
+  if (weights.empty()) return;
+  const c10::cuda::CUDAGuard guard(weights[0].device());
+  const bool transposed = stored_transposed(weights[0]);  // V U^T transposed: the same formula with m and n swapped
+  const at::Tensor first = transposed ? weights[0].t() : weights[0];
   const int kind = static_cast<int>(kind_);
-  const int64_t m = W.size(0), n = W.size(1);
-  auto opts = W.options().dtype(at::kDouble);
+  const int64_t m = first.size(0), n = first.size(1);
+  if (m == 0 || n == 0) return;
+  auto opts = first.options().dtype(at::kDouble);
   at::Tensor rows = at::empty({3 * m}, opts), cols = at::empty({3 * n}, opts);
   auto stream = c10::cuda::getCurrentCUDAStream();
   closed_form_terms_kernel<<<blocks_for(m, 256, 4096), 256, 0, stream>>>(rows.data_ptr<double>(), m, r, kind);
   closed_form_terms_kernel<<<blocks_for(n, 256, 4096), 256, 0, stream>>>(cols.data_ptr<double>(), n, r, kind);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const float scale = static_cast<float>(-coef * kmath::closed_form_amp(m, n, kind));
   dim3 grid(blocks_for(n, 256, 64), static_cast<unsigned>(std::min<int64_t>((m + 1) / 2, kMaxGridY)));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W.scalar_type(), "loram_residual_", [&] {
-    loram_residual_kernel<scalar_t><<<grid, 256, 0, stream>>>(W.data_ptr<scalar_t>(), m, n, W.stride(0), W.stride(1),
-                                                              rows.data_ptr<double>(), cols.data_ptr<double>(), r,
-                                                              kind, scale);
-  });
+  for (size_t b = 0; b < weights.size(); ++b) {
+    const at::Tensor W = transposed ? weights[b].t() : weights[b];
+    const float scale = static_cast<float>(-coefs[b] * kmath::closed_form_amp(m, n, kind));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W.scalar_type(), "loram_residual_", [&] {
+      loram_residual_kernel<scalar_t><<<grid, 256, 0, stream>>>(W.data_ptr<scalar_t>(), m, n, W.stride(0),
+                                                                W.stride(1), rows.data_ptr<double>(),
+                                                                cols.data_ptr<double>(), r, kind, scale);
+    });
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// One kernel per weight (the GPU is bound by memory traffic, not by the closed form's arithmetic).
-void loram_residual_batch_(at::TensorList weights, at::ArrayRef<double> coefs, int64_t r, int64_t kind) {
-  check_residual_batch(weights, coefs, r, kind);
-  for (size_t b = 0; b < weights.size(); ++b) loram_residual_(weights[b], coefs[b], r, kind);
+void loram_residual_(at::Tensor W, double coef, int64_t r, int64_t kind) {
+  loram_residual_batch_({W}, {coef}, r, kind);
 }
 
 // ||W[i, :] + alpha * (B @ A)[i, :]|| per row: one block per row (grid-stride over rows), threads over the columns;
