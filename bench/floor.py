@@ -1,9 +1,9 @@
 """Whole-model LoRAM against the memory floor: how close the init gets to one pass over the weights, at any rank.
 
-    python bench/floor.py [--quick] [--device cpu|cuda]
+    python bench/floor.py [--quick | --tinyllama] [--device cpu|cuda]
 
 For a 2-layer Llama-shaped model (TinyLlama-1.1B's linear shapes: hidden 2048, MLP 5632; --quick: hidden 1024,
-MLP 2752), all 14 LoRA layers: ``floor`` is one in-place read+write pass over the same weights (``Tensor.neg_``),
+MLP 2752; --tinyllama: all 22 layers of TinyLlama-1.1B, with its 4 KV heads, 154 LoRA layers), all 14 LoRA layers: ``floor`` is one in-place read+write pass over the same weights (``Tensor.neg_``),
 the least any residual init can do; LoRAM's ideal is that plus one read (the variance). Each provider runs on a
 freshly wrapped model (wrapping not timed), timed interleaved with the floor; ``÷ floor`` = provider time / floor
 time in the same run. Providers: ``init_model(..., "loram" | "loram_dct")`` at r = 16 and r = 256 (the compiled
@@ -30,20 +30,21 @@ from loram_fast.baselines import reference_loram_model  # noqa: E402
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def build(hidden, inter, dtype, device):
+def build(hidden, inter, dtype, device, layers=2, kv_heads=None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2,
-                      num_attention_heads=hidden // 128, num_key_value_heads=hidden // 128)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=hidden // 128 if kv_heads is None else hidden // 64,
+                      num_key_value_heads=hidden // 128 if kv_heads is None else kv_heads)
     return LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
 
 
-def run(hidden, inter, rank, dtype, device, reps, with_torch):
+def run(hidden, inter, rank, dtype, device, reps, with_torch, layers=2, kv_heads=None):
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora import LoraLayer
 
-    base = build(hidden, inter, dtype, device)
+    base = build(hidden, inter, dtype, device, layers, kv_heads)
     holder = {}
 
     def fresh():
@@ -67,7 +68,7 @@ def run(hidden, inter, rank, dtype, device, reps, with_torch):
     timed = measure_interleaved(fns, device=device, warmup=1, reps=reps, setup=fresh)
     floor_s = timed["floor (one read+write pass)"]["median_s"]
     info = machine_info(device)
-    shape = f"L2 h{hidden} mlp{inter}"
+    shape = f"L{layers} h{hidden} mlp{inter}" + ("" if kv_heads is None else f" kv{kv_heads}")
     return [{"bench": "floor", "provider": name, "shape": shape, "rank": rank, "dtype": str(dtype).replace("torch.", ""),
              "device": device, **t, "ratio": t["median_s"] / floor_s, **info} for name, t in timed.items()]
 
@@ -76,17 +77,22 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tinyllama", action="store_true",
+                   help="all of TinyLlama-1.1B's 154 projections (22 layers, 32 heads, 4 KV heads) instead of 2 layers")
     args = p.parse_args(argv)
     hidden, inter = (1024, 2752) if args.quick else (2048, 5632)
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         for rank in (16, 256):
-            rows += run(hidden, inter, rank, dtype, args.device, 3 if args.quick else 5, with_torch=rank == 16)
+            if args.tinyllama:
+                rows += run(2048, 5632, rank, dtype, args.device, 3, with_torch=False, layers=22, kv_heads=4)
+            else:
+                rows += run(hidden, inter, rank, dtype, args.device, 3 if args.quick else 5, with_torch=rank == 16)
     info = machine_info(args.device)
     header = heading("Whole-model LoRAM vs the memory floor", info,
                      "ratio = provider time / floor time in the same interleaved run (lower is better; the floor is "
                      "one in-place read+write pass over the same weights).")
-    publish(rows, f"floor_{args.device}", ["provider", "shape", "rank", "dtype", "median_s", "ratio"], header)
+    publish(rows, f"floor_{args.device}" + ("_tinyllama" if args.tinyllama else ""), ["provider", "shape", "rank", "dtype", "median_s", "ratio"], header)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ LoRAM init. Where the kernel's transparent huge pages are available on request
 (``madvise(MADV_HUGEPAGE)``) on the 2 MiB-aligned inside of a new tensor of 2 MiB or more before anything touches
 it: one fault per 2 MiB. The tensor is an ordinary torch tensor from torch's allocator; the advice changes no value
 and no semantics, and is skipped silently where it is not available (other systems, GPU tensors, small tensors).
-``LORAM_FAST_HUGE_PAGES=0`` turns it off.
+The advice belongs to the address range: when the allocator reuses it for a later tensor, that tensor gets huge
+pages too. ``LORAM_FAST_HUGE_PAGES=0`` turns it off.
 """
 from __future__ import annotations
 
