@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -79,15 +82,29 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tinyllama", action="store_true",
                    help="all of TinyLlama-1.1B's 154 projections (22 layers, 32 heads, 4 KV heads) instead of 2 layers")
+    p.add_argument("--one", nargs=3, metavar=("DTYPE", "RANK", "JSON"), help=argparse.SUPPRESS)  # one configuration
     args = p.parse_args(argv)
     hidden, inter = (1024, 2752) if args.quick else (2048, 5632)
+
+    def one(dtype, rank):
+        if args.tinyllama:
+            return run(2048, 5632, rank, dtype, args.device, 3, with_torch=False, layers=22, kv_heads=4)
+        return run(hidden, inter, rank, dtype, args.device, 3 if args.quick else 5, with_torch=rank == 16)
+
+    if args.one:
+        Path(args.one[2]).write_text(json.dumps(one(getattr(torch, args.one[0]), int(args.one[1]))))
+        return
+    # each configuration in a fresh process: the speed of a pass over the weights depends on what the process
+    # allocated and freed before (the floor of TinyLlama's bf16 weights: 37 ms after the fp32 rows, 62 ms fresh)
     rows = []
-    for dtype in (torch.float32, torch.bfloat16):
-        for rank in (16, 256):
-            if args.tinyllama:
-                rows += run(2048, 5632, rank, dtype, args.device, 3, with_torch=False, layers=22, kv_heads=4)
-            else:
-                rows += run(hidden, inter, rank, dtype, args.device, 3 if args.quick else 5, with_torch=rank == 16)
+    flags = [f for f, on in (("--quick", args.quick), ("--tinyllama", args.tinyllama)) if on]
+    with tempfile.TemporaryDirectory() as tmp:
+        for dtype in ("float32", "bfloat16"):
+            for rank in (16, 256):
+                path = Path(tmp) / f"{dtype}_{rank}.json"
+                subprocess.run([sys.executable, __file__, *flags, "--device", args.device, "--one", dtype, str(rank),
+                                str(path)], check=True)
+                rows += json.loads(path.read_text())
     info = machine_info(args.device)
     header = heading("Whole-model LoRAM vs the memory floor", info,
                      "ratio = provider time / floor time in the same interleaved run (lower is better; the floor is "
