@@ -35,8 +35,16 @@ class LoraTarget:
     sharding: Optional[Sharding] = None  # how a DTensor base weight is split across ranks (None: whole here)
 
     @property
+    def base_layer(self) -> nn.Module:
+        """The wrapped module (peft's ``get_base_layer``, looked up once: a loram_fast call never replaces it)."""
+        base = self.__dict__.get("_base_layer")
+        if base is None:
+            base = self.__dict__["_base_layer"] = self.layer.get_base_layer()
+        return base
+
+    @property
     def weight(self) -> torch.Tensor:
-        return self.layer.get_base_layer().weight
+        return self.base_layer.weight
 
     def local_weight(self) -> torch.Tensor:
         """The base weight's storage on this rank, as stored (a DTensor's local shard, written in place)."""
@@ -55,7 +63,7 @@ class LoraTarget:
         return int(out), int(inp)
 
     def describe(self) -> str:
-        return f"module {self.name!r} ({type(self.layer.get_base_layer()).__name__} {self.shape[0]}×{self.shape[1]})"
+        return f"module {self.name!r} ({type(self.base_layer).__name__} {self.shape[0]}×{self.shape[1]})"
 
 
 def _lora_layer_cls():
