@@ -162,6 +162,21 @@ def lm_batches(count, *, vocab, length, seed):
 
 
 @contextlib.contextmanager
+def peft_take_over():
+    """Inside the block peft's own init names run through loram_fast (the hook's take-over); the default hook is back
+    afterwards, also when the block fails."""
+    from loram_fast import peft_hook
+
+    peft_hook.uninstall()
+    peft_hook.install(take_over_peft_inits=True)
+    try:
+        yield
+    finally:
+        peft_hook.uninstall()
+        peft_hook.install()
+
+
+@contextlib.contextmanager
 def taken_over(monkeypatch, record):
     """Inside the block peft's own init names run through loram_fast (the hook's take-over), and every layer the hook
     initialises is first reported as ``record(method, options)`` (a spy on ``peft_hook.init_layer``, kept for the
@@ -175,9 +190,5 @@ def taken_over(monkeypatch, record):
         return real(layer, adapter_name, method, **options)
 
     monkeypatch.setattr(peft_hook, "init_layer", spy)
-    peft_hook.install(take_over_peft_inits=True)
-    try:
+    with peft_take_over():
         yield
-    finally:
-        peft_hook.uninstall()
-        peft_hook.install()

@@ -10,20 +10,15 @@ from peft.tuners.lora import LoraLayer
 import loram_fast
 from loram_fast import peft_hook
 
-from conftest import logits, relative_error
+from conftest import logits, peft_take_over, relative_error
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
 @pytest.fixture
 def take_over():
-    peft_hook.uninstall()
-    peft_hook.install(take_over_peft_inits=True)
-    try:
+    with peft_take_over():
         yield
-    finally:
-        peft_hook.uninstall()
-        peft_hook.install()
 
 
 def _adapters(model):

@@ -64,7 +64,6 @@ void basis_fill_(at::Tensor out, int64_t kind) {
 
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
-typedef int32_t i32x8 __attribute__((vector_size(32)));
 typedef uint16_t u16x8 __attribute__((vector_size(16)));
 
 constexpr int64_t kFlush = 4096;  // float lanes are flushed into double every kFlush elements (~1e-9 relative)
@@ -78,18 +77,6 @@ constexpr int64_t kFlush = 4096;  // float lanes are flushed into double every k
     std::memcpy(&h_, (ptr), 16);                                         \
     u32x8 w_ = __builtin_convertvector(h_, u32x8) << 16;                 \
     std::memcpy(&(dst), &w_, 32);                                        \
-  } while (0)
-
-// Round eight floats to bf16 exactly as c10::BFloat16 does (round to nearest even, NaN -> 0x7FC0).
-#define LORAM_FAST_STORE8_BF16(ptr, src)                                 \
-  do {                                                                   \
-    u32x8 b_;                                                            \
-    std::memcpy(&b_, &(src), 32);                                        \
-    u32x8 r_ = (b_ + 0x7FFFu + ((b_ >> 16) & 1u)) >> 16;                 \
-    u32x8 nan_ = (u32x8)((src) != (src));                                \
-    r_ = (r_ & ~nan_) | (nan_ & 0x7FC0u);                                \
-    u16x8 h_ = __builtin_convertvector(r_, u16x8);                       \
-    std::memcpy((ptr), &h_, 16);                                         \
   } while (0)
 
 // Sum and sum of squares of one contiguous row: two pairs of 8-lane float accumulators, flushed into double.
@@ -205,12 +192,25 @@ LORAM_FAST_CLONES void axpy_row_f32(float* row, const float* p, int64_t n, float
   for (int64_t j = 0; j < n; ++j) row[j] = kmath::add_scaled(row[j], a, p[j]);
 }
 
-template <typename scalar_t>
-void axpy_row_generic(scalar_t* row, int64_t stride, const float* p, int64_t n, float a) {
-  for (int64_t j = 0; j < n; ++j) row[j * stride] = kmath::add_scaled(row[j * stride], a, p[j]);
+// The same backwards, row[n−1−j] <- row[n−1−j] + a · p[j] (row m−1−i of the LoRAM residual takes row i's K
+// reversed: K(m−1−i, n−1−j) = K(i, j)).
+LORAM_FAST_CLONES void axpy_reversed_bf16(uint16_t* __restrict row, const float* __restrict p, int64_t n, float a) {
+  for (int64_t j = 0; j < n; ++j) row[n - 1 - j] = round_bf16_bits(bf16_bits_to_float(row[n - 1 - j]) + a * p[j]);
 }
 
-// row[j] <- row[j] + a * p[j], rounded once to the row's dtype.
+LORAM_FAST_CLONES void axpy_reversed_f32(float* __restrict row, const float* __restrict p, int64_t n, float a) {
+  for (int64_t j = 0; j < n; ++j) row[n - 1 - j] = kmath::add_scaled(row[n - 1 - j], a, p[j]);
+}
+
+template <typename scalar_t>
+void axpy_row_generic(scalar_t* row, int64_t stride, const float* p, int64_t n, float a, bool reversed) {
+  for (int64_t j = 0; j < n; ++j) {
+    scalar_t& w = row[(reversed ? n - 1 - j : j) * stride];
+    w = kmath::add_scaled(w, a, p[j]);
+  }
+}
+
+// row[j] (``reversed``: row[n−1−j]) <- itself + a * p[j], rounded once to the row's dtype.
 // On CPUs with AVX512-BF16 the bf16 rows are rounded by vcvtneps2bf16 (nearest even, as c10::BFloat16 rounds), 16
 // entries per instruction; a vector holding a NaN or a subnormal (where the instruction gives another NaN, or flushes
 // to zero) is rounded on the bits instead, so the result is bit for bit that of the loops above (tested).
@@ -268,19 +268,17 @@ bool bf16_hw() {
 #endif
 
 template <typename scalar_t>
-inline void axpy_row(scalar_t* row, int64_t stride, const float* p, int64_t n, float a) {
+inline void axpy_row(scalar_t* row, int64_t stride, const float* p, int64_t n, float a, bool reversed = false) {
+  if (stride == 1 && std::is_same<scalar_t, at::BFloat16>::value) {
+    uint16_t* bits = reinterpret_cast<uint16_t*>(row);
 #ifdef LORAM_FAST_BF16_HW
-  if (stride == 1 && std::is_same<scalar_t, at::BFloat16>::value && bf16_hw()) {
-    axpy_row_bf16_hw(reinterpret_cast<uint16_t*>(row), p, n, a);
-    return;
-  }
+    if (bf16_hw()) return (reversed ? axpy_reversed_bf16_hw : axpy_row_bf16_hw)(bits, p, n, a);
 #endif
-  if (stride == 1 && std::is_same<scalar_t, at::BFloat16>::value)
-    axpy_row_bf16(reinterpret_cast<uint16_t*>(row), p, n, a);
-  else if (stride == 1 && std::is_same<scalar_t, float>::value)
-    axpy_row_f32(reinterpret_cast<float*>(row), p, n, a);
-  else
-    axpy_row_generic(row, stride, p, n, a);
+    return (reversed ? axpy_reversed_bf16 : axpy_row_bf16)(bits, p, n, a);
+  }
+  if (stride == 1 && std::is_same<scalar_t, float>::value)
+    return (reversed ? axpy_reversed_f32 : axpy_row_f32)(reinterpret_cast<float*>(row), p, n, a);
+  axpy_row_generic(row, stride, p, n, a, reversed);
 }
 
 std::tuple<at::Tensor, at::Tensor> row_moments(const at::Tensor& W) {
@@ -342,33 +340,6 @@ void lowrank_update_(at::Tensor W_in, const at::Tensor& B_in, const at::Tensor& 
 LORAM_FAST_CLONES void closed_form_row(float* out, kmath::Terms row, const double* cp, const double* cq,
                                        const double* cc, int64_t n) {
   for (int64_t j = 0; j < n; ++j) out[j] = kmath::closed_form_fast(row.p, row.q, row.c, cp[j], cq[j], cc[j]);
-}
-
-// row[n−1−j] <- row[n−1−j] + a · p[j] (row m−1−i takes row i's K reversed: K(m−1−i, n−1−j) = K(i, j)), rounded
-// once to the row's dtype, as axpy_row does it.
-LORAM_FAST_CLONES void axpy_reversed_f32(float* __restrict row, const float* __restrict p, int64_t n, float a) {
-  for (int64_t j = 0; j < n; ++j) row[n - 1 - j] = kmath::add_scaled(row[n - 1 - j], a, p[j]);
-}
-
-LORAM_FAST_CLONES void axpy_reversed_bf16(uint16_t* __restrict row, const float* __restrict p, int64_t n, float a) {
-  for (int64_t j = 0; j < n; ++j) row[n - 1 - j] = round_bf16_bits(bf16_bits_to_float(row[n - 1 - j]) + a * p[j]);
-}
-
-template <typename scalar_t>
-inline void axpy_reversed(scalar_t* row, int64_t stride, const float* p, int64_t n, float a) {
-#ifdef LORAM_FAST_BF16_HW
-  if (stride == 1 && std::is_same<scalar_t, at::BFloat16>::value && bf16_hw()) {
-    axpy_reversed_bf16_hw(reinterpret_cast<uint16_t*>(row), p, n, a);
-    return;
-  }
-#endif
-  if (stride == 1 && std::is_same<scalar_t, at::BFloat16>::value)
-    axpy_reversed_bf16(reinterpret_cast<uint16_t*>(row), p, n, a);
-  else if (stride == 1 && std::is_same<scalar_t, float>::value)
-    axpy_reversed_f32(reinterpret_cast<float*>(row), p, n, a);
-  else
-    for (int64_t j = 0; j < n; ++j)
-      row[(n - 1 - j) * stride] = kmath::add_scaled(row[(n - 1 - j) * stride], a, p[j]);
 }
 
 // W_b -= coef_b · V_r U_rᵀ in place for every weight W_b of one shape (m×n after the layout is normalised), one pass
@@ -468,7 +439,7 @@ void loram_residual_batch_(at::TensorList weights, at::ArrayRef<double> coefs, i
           if (t % (2 * len) < len)
             axpy_row(row, sn, k + u * n, n, scale);
           else if (m - 1 - (i0 + u) != i0 + u)
-            axpy_reversed(row, sn, k + u * n, n, scale);
+            axpy_row(row, sn, k + u * n, n, scale, /*reversed=*/true);
         }
       }
     });

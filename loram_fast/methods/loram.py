@@ -90,34 +90,23 @@ def loram_from_moments(mom, shape: tuple[int, int], device, r: int, scaling: flo
         raise ValueError("loram_fast.loram: the weight is constant (variance 0), so beta = 0 and both adapters "
                          "would be zero (a dead adapter); pass allow_zero_adapter=True to accept that")
 
-    def basis(size: int) -> torch.Tensor:
-        key = (size, r, kind, device)
-        if bases is not None and key in bases:
-            return bases[key]
-        out = dst_basis(size, r, kind=kind, device=device, backend=backend)
-        if bases is not None:
-            bases[key] = out
-        return out
+    def cached(key, make):
+        """``make()`` once per call: ``bases`` is the call's cache, shared by its layers."""
+        if bases is None:
+            return make()
+        if key not in bases:
+            bases[key] = make()
+        return bases[key]
 
-    def transposed(size: int) -> torch.Tensor:  # Uᵀ contiguous, once per call and size (a strided read is slow)
-        key = (size, r, kind, device, "T")
-        if bases is not None and key in bases:
-            return bases[key]
-        out = basis(size).T.contiguous()
-        if bases is not None:
-            bases[key] = out
-        return out
+    def basis(size: int) -> torch.Tensor:
+        return cached((size, r, kind, device), lambda: dst_basis(size, r, kind=kind, device=device, backend=backend))
 
     U, V = basis(n), basis(m)  # in×r, out×r
-    key = (m, n, r, kind, "sum")  # sum of V Uᵀ, once per call and shape
-    basis_sum = bases.get(key) if bases is not None else None
-    if basis_sum is None:
-        basis_sum = float((basis_column_sums(m, r, kind) * basis_column_sums(n, r, kind)).sum())
-        if bases is not None:
-            bases[key] = basis_sum
+    basis_sum = cached((m, n, r, kind, "sum"),  # sum of V Uᵀ
+                       lambda: float((basis_column_sums(m, r, kind) * basis_column_sums(n, r, kind)).sum()))
     beta = loram_beta(var_w, basis_sum, m, n, r)
     # one fresh tensor each, with huge pages where the system has them (fresh memory is not free: ops/memory.py)
-    Ut = transposed(n)
+    Ut = cached((n, r, kind, device, "T"), lambda: U.T.contiguous())  # Uᵀ contiguous: a strided read is slow
     A = torch.mul(Ut, beta, out=memory.empty((r, n), dtype=Ut.dtype, device=Ut.device))
     B = torch.mul(V, beta, out=memory.empty(tuple(V.shape), dtype=V.dtype, device=V.device))
     return LayerInit(A=A, B=B, scaling=scaling, residual=BasisResidual(scaling * beta * beta, r, kind, bases=(V, U)),
