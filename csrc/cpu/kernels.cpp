@@ -17,6 +17,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__unix__)
+#include <unistd.h>
+#endif
+
 namespace loram_fast {
 namespace {
 
@@ -192,25 +196,26 @@ LORAM_FAST_CLONES void axpy_row_f32(float* row, const float* p, int64_t n, float
   for (int64_t j = 0; j < n; ++j) row[j] = kmath::add_scaled(row[j], a, p[j]);
 }
 
-// The same backwards, row[n−1−j] <- row[n−1−j] + a · p[j] (row m−1−i of the LoRAM residual takes row i's K
-// reversed: K(m−1−i, n−1−j) = K(i, j)).
+// The same with p reversed, row[j] <- row[j] + a · p[n−1−j] (row m−1−i of the LoRAM residual takes row i's K
+// reversed: K(m−1−i, n−1−j) = K(i, j)). The row is walked forward, p (in L1) backward: a forward stream is what
+// the hardware prefetchers follow best.
 LORAM_FAST_CLONES void axpy_reversed_bf16(uint16_t* __restrict row, const float* __restrict p, int64_t n, float a) {
-  for (int64_t j = 0; j < n; ++j) row[n - 1 - j] = round_bf16_bits(bf16_bits_to_float(row[n - 1 - j]) + a * p[j]);
+  for (int64_t j = 0; j < n; ++j) row[j] = round_bf16_bits(bf16_bits_to_float(row[j]) + a * p[n - 1 - j]);
 }
 
 LORAM_FAST_CLONES void axpy_reversed_f32(float* __restrict row, const float* __restrict p, int64_t n, float a) {
-  for (int64_t j = 0; j < n; ++j) row[n - 1 - j] = kmath::add_scaled(row[n - 1 - j], a, p[j]);
+  for (int64_t j = 0; j < n; ++j) row[j] = kmath::add_scaled(row[j], a, p[n - 1 - j]);
 }
 
 template <typename scalar_t>
 void axpy_row_generic(scalar_t* row, int64_t stride, const float* p, int64_t n, float a, bool reversed) {
   for (int64_t j = 0; j < n; ++j) {
-    scalar_t& w = row[(reversed ? n - 1 - j : j) * stride];
-    w = kmath::add_scaled(w, a, p[j]);
+    scalar_t& w = row[j * stride];
+    w = kmath::add_scaled(w, a, p[reversed ? n - 1 - j : j]);
   }
 }
 
-// row[j] (``reversed``: row[n−1−j]) <- itself + a * p[j], rounded once to the row's dtype.
+// row[j] <- itself + a * p[j] (``reversed``: p[n−1−j]), rounded once to the row's dtype.
 // On CPUs with AVX512-BF16 the bf16 rows are rounded by vcvtneps2bf16 (nearest even, as c10::BFloat16 rounds), 16
 // entries per instruction; a vector holding a NaN or a subnormal (where the instruction gives another NaN, or flushes
 // to zero) is rounded on the bits instead, so the result is bit for bit that of the loops above (tested).
@@ -251,12 +256,12 @@ LORAM_FAST_BF16_TARGET void axpy_reversed_bf16_hw(uint16_t* __restrict row, cons
   const __m512 av = _mm512_set1_ps(a);
   const __m512i reverse = _mm512_set_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {  // row[n−16−j .. n−1−j] += a · reversed(p[j .. j+15])
-    const __m512 k = _mm512_permutexvar_ps(reverse, _mm512_loadu_ps(p + j));
-    const __m512 y = _mm512_fmadd_ps(av, k, load_bf16_hw(row + n - 16 - j));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + n - 16 - j), round_bf16_hw(y));
+  for (; j + 16 <= n; j += 16) {  // row[j .. j+15] += a · reversed(p[n−16−j .. n−1−j])
+    const __m512 k = _mm512_permutexvar_ps(reverse, _mm512_loadu_ps(p + n - 16 - j));
+    const __m512 y = _mm512_fmadd_ps(av, k, load_bf16_hw(row + j));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + j), round_bf16_hw(y));
   }
-  for (; j < n; ++j) row[n - 1 - j] = round_bf16_bits(bf16_bits_to_float(row[n - 1 - j]) + a * p[j]);
+  for (; j < n; ++j) row[j] = round_bf16_bits(bf16_bits_to_float(row[j]) + a * p[n - 1 - j]);
 }
 
 bool bf16_hw() {
@@ -349,8 +354,26 @@ LORAM_FAST_CLONES void closed_form_row(float* out, kmath::Terms row, const doubl
 // weight. A row of K: the displacement form, vectorised, except the short run of irregular entries (where
 // kmath::closed_form_regular fails: cos β_j decreases with j, so they form one run, found by binary search), from
 // exact phases. Every check and allocation happens before the first store: once writing starts nothing can fail.
-// floats of K per thread in the residual kernel: a block of rows that stays in L1
-constexpr int64_t kResidualBlock = 8192;
+// Floats of K per thread in the residual kernel: a block of rows that stays in L2 (half of it, from 32 KiB to 1 MiB;
+// 512 KiB where the size is unknown) while the weights' rows stream past. Longer runs of each weight's rows than an
+// L1-sized block: 1.3× faster on 22 bf16 2048×5632 weights (bench/floor.py).
+inline int64_t residual_block_floats() {
+  static const int64_t floats = [] {
+#if defined(__unix__) && defined(_SC_LEVEL2_CACHE_SIZE)
+    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#else
+    const long l2 = 0;
+#endif
+    const int64_t bytes = l2 > 0 ? std::min<int64_t>(std::max<int64_t>(l2 / 2, 32 << 10), 1 << 20) : 512 << 10;
+    return bytes / static_cast<int64_t>(sizeof(float));
+  }();
+  return floats;
+}
+
+// Bytes of a weight's row updated per step of the residual kernel, each step after a prefetch of the same bytes of
+// the next row: spread out, the prefetches keep memory busy without flooding the miss queues (whole-row prefetches:
+// 1.25–1.4× the floor on bf16 weights, 256-byte steps: 1.1×).
+constexpr int64_t kPrefetchChunk = 256;
 
 // Ask for the cache lines of one row ahead of their use (for writing: they are read, then written).
 inline void prefetch_row(const void* row, int64_t bytes) {
@@ -396,11 +419,11 @@ void loram_residual_batch_(at::TensorList weights, at::ArrayRef<double> coefs, i
   });
   std::vector<float> scales(count);
   for (int64_t b = 0; b < count; ++b) scales[b] = static_cast<float>(-coefs[b] * kmath::closed_form_amp(m, n, kind));
-  // pairs go in blocks whose rows of K (about 32 KiB) stay in L1 while they are applied weight by weight; the weights'
-  // rows are visited in a fixed order (per weight: the block's rows i forward, then rows m−1−i), and the row after
-  // the current one is prefetched, so memory traffic overlaps the arithmetic (2× on bf16 weights, bench/floor.py)
+  // pairs go in blocks whose rows of K stay in L2 while they are applied weight by weight; the weights' rows are
+  // visited in a fixed order (per weight: the block's rows i, then rows m−1−i, all in ascending addresses), and the
+  // row after the current one is prefetched as the current one is updated, so memory traffic overlaps the arithmetic
   const int64_t pairs = (m + 1) / 2;  // rows i and m−1−i together (the middle row of an odd m alone)
-  const int64_t block = std::min<int64_t>(pairs, std::max<int64_t>(1, kResidualBlock / n));
+  const int64_t block = std::min<int64_t>(pairs, std::max<int64_t>(1, residual_block_floats() / n));
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   std::vector<float> buffers(static_cast<size_t>(threads) * block * n);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, Ws[0].scalar_type(), "loram_residual_", [&] {
@@ -421,25 +444,32 @@ void loram_residual_batch_(at::TensorList weights, at::ArrayRef<double> coefs, i
           for (int64_t j = los[i]; j < his[i]; ++j)  // the irregular run (regular entries inside it: same result)
             ki[j] = kmath::closed_form_entry(row, kmath::Terms{cp[j], cq[j], cc[j]}, i, j, m, n, r, kind);
         }
-        // visit t: weight t / (2 len); its row i0 + u (u < len) forward or m−1−(i0 + u − len) reversed
+        // visit t: weight t / (2 len); v = t mod 2 len: row i0 + v (v < len) with K forward, else row m−1−(i0 + u),
+        // u = 2 len − 1 − v, with K reversed: every row walked in ascending addresses, the rows too
         const int64_t visits = 2 * len * count;
         auto row_of = [&](int64_t t, int64_t* u) {
           const int64_t b = t / (2 * len), v = t % (2 * len);
-          *u = v < len ? v : v - len;
-          return w[b] + (v < len ? i0 + v : m - 1 - (i0 + v - len)) * sm;
+          *u = v < len ? v : 2 * len - 1 - v;  // the mirrored rows in ascending order too
+          return w[b] + (v < len ? i0 + *u : m - 1 - (i0 + *u)) * sm;
         };
+        const int64_t chunk = row_bytes > 0 ? kPrefetchChunk / static_cast<int64_t>(sizeof(scalar_t)) : n;
         for (int64_t t = 0; t < visits; ++t) {
           int64_t u;
           scalar_t* row = row_of(t, &u);
-          if (t + 1 < visits && row_bytes > 0) {
-            int64_t next_u;
-            prefetch_row(row_of(t + 1, &next_u), row_bytes);
-          }
+          const bool forward = t % (2 * len) < len;
+          if (!forward && m - 1 - (i0 + u) == i0 + u) continue;  // the middle row of an odd m: done forward
           const float scale = scales[t / (2 * len)];
-          if (t % (2 * len) < len)
-            axpy_row(row, sn, k + u * n, n, scale);
-          else if (m - 1 - (i0 + u) != i0 + u)
-            axpy_row(row, sn, k + u * n, n, scale, /*reversed=*/true);
+          const float* ku = k + u * n;
+          int64_t next_u;
+          const char* next = t + 1 < visits && row_bytes > 0 ? reinterpret_cast<const char*>(row_of(t + 1, &next_u))
+                                                             : nullptr;
+          // the row in chunks, each after asking for the same chunk of the next row: prefetches spread over the row
+          for (int64_t j0 = 0; j0 < n; j0 += chunk) {
+            const int64_t j1 = std::min(n, j0 + chunk);
+            if (next) prefetch_row(next + j0 * sizeof(scalar_t), (j1 - j0) * sizeof(scalar_t));
+            if (forward) axpy_row(row + j0 * sn, sn, ku + j0, j1 - j0, scale);
+            else axpy_row(row + j0 * sn, sn, ku + (n - j1), j1 - j0, scale, /*reversed=*/true);
+          }
         }
       }
     });
