@@ -82,6 +82,22 @@ inline void check_row_norms(const at::Tensor& W, const at::Tensor& B, const at::
               promoted);
 }
 
+inline void check_scale_rounded(const at::Tensor& out, const at::Tensor& src, int64_t code) {
+  TORCH_CHECK(code >= 0 && code <= 2, "loram_fast.scale_rounded_: code must be 0 (fp32), 1 (bf16) or 2 (fp16), got ",
+              code);
+  TORCH_CHECK(out.scalar_type() == at::kFloat && src.scalar_type() == at::kFloat,
+              "loram_fast.scale_rounded_: out and src must be fp32, got ", out.scalar_type(), " and ",
+              src.scalar_type());
+  TORCH_CHECK(out.sizes() == src.sizes() && out.is_contiguous() && src.is_contiguous(),
+              "loram_fast.scale_rounded_: out and src need one shape and contiguous memory");
+  TORCH_CHECK(out.device() == src.device(), "loram_fast.scale_rounded_: out and src on different devices");
+  const auto* o = static_cast<const char*>(out.data_ptr());
+  const auto* q = static_cast<const char*>(src.data_ptr());
+  const int64_t bytes = out.numel() * 4;
+  TORCH_CHECK(o == q || o + bytes <= q || q + bytes <= o,
+              "loram_fast.scale_rounded_: out and src overlap without being the same memory");
+}
+
 inline void check_moments(const at::Tensor& W) {
   TORCH_CHECK(W.dim() == 2, "loram_fast.row_moments: W must be 2-D");
 }
@@ -113,4 +129,5 @@ inline UpdateOperands normalise_update(at::Tensor W, const at::Tensor& B, const 
   m.impl("lowrank_update_", &lowrank_update_); \
   m.impl("loram_residual_", &loram_residual_); \
   m.impl("loram_residual_batch_", &loram_residual_batch_); \
-  m.impl("lowrank_row_norms", &lowrank_row_norms)
+  m.impl("lowrank_row_norms", &lowrank_row_norms); \
+  m.impl("scale_rounded_", &scale_rounded_)

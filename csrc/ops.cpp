@@ -22,6 +22,9 @@ TORCH_LIBRARY(loram_fast, m) {
   // formed as peft's DoRA layer forms it: product and scaling rounded to dtype `product`, the sum to `promoted`
   // (0: fp32, 1: bf16, 2: fp16; kernel_math.h dora_entry); fp32 out.
   m.def("lowrank_row_norms(Tensor W, Tensor B, Tensor A, float alpha, int product, int promoted) -> Tensor");
+  // out = alpha * src in fp32, rounded (nearest even) to dtype `code` (0: fp32, 1: bf16, 2: fp16) and held in fp32:
+  // `(src * alpha).to(dtype).to(fp32)` in one pass (out, src: fp32, contiguous, one shape, not overlapping).
+  m.def("scale_rounded_(Tensor(a!) out, Tensor src, float alpha, int code) -> ()");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

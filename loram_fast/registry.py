@@ -167,11 +167,11 @@ def get_method(name) -> Method:
 def _loram_method(name: str, kind: str, description: str) -> Method:
     def init(W, r, scaling, *, backend=None, bases=None, allow_zero_adapter=False):
         return _loram.loram_factors(W, r, scaling, kind=kind, allow_zero_adapter=allow_zero_adapter, bases=bases,
-                                    backend=backend)
+                                    backend=backend, round_to=W.dtype)
 
     def init_sharded(op, r, scaling, *, backend=None, bases=None, allow_zero_adapter=False):
         return _loram.loram_factors_sharded(op, r, scaling, kind=kind, allow_zero_adapter=allow_zero_adapter,
-                                            bases=bases, backend=backend)
+                                            bases=bases, backend=backend, round_to=op.dtype)
 
     return Method(name=name, init=init, init_sharded=init_sharded, residual=True, description=description,
                   options={"allow_zero_adapter": _opt.boolean()}, check=_loram.check_loram,
@@ -328,7 +328,7 @@ def _eva_init(W, r, scaling, *, backend=None, bases=None, eva=None, whiten=False
         alpha = alpha * rank / r
     A = _eva.adapter_a(components, singular_values, rank, whiten).to(W.device)
     return LayerInit(A=A, B=torch.zeros(W.shape[0], rank, device=W.device), scaling=scaling, rank=rank,
-                     lora_alpha=alpha, owned=True, unrounded=True)  # peft copies the fp32 components as they are
+                     lora_alpha=alpha, owned=True, as_is=True)  # peft copies the fp32 components as they are
 
 
 register(Method(

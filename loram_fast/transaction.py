@@ -243,7 +243,7 @@ class Transaction:
                 self._resize(layer, init.rank, init.lora_alpha)
             self._set_middle(layer, init.middle is not None)
             for name, value in init.adapters().items():
-                self._set_adapter(target, name, value, owned=init.owned, unrounded=init.unrounded)
+                self._set_adapter(target, name, value, owned=init.owned, as_is=init.as_is)
             self._set_frozen(layer, init.frozen, trainable)
             if defer:
                 self._pending.append((target, residual))
@@ -430,13 +430,13 @@ class Transaction:
                    for name in ("lora_A", "lora_B", "lora_N"))
 
     def _set_adapter(self, target: LoraTarget, name: str, value: torch.Tensor, owned: bool = False,
-                     unrounded: bool = False) -> None:
+                     as_is: bool = False) -> None:
         param = getattr(target.layer, name)[self.adapter].weight
-        # rounded to the base weight's dtype (as the references store them; ``unrounded``: not), held in the
+        # rounded to the base weight's dtype (as the references store them; ``as_is``: not), held in the
         # parameter's own dtype, shape and device; a copy unless the method owns ``value`` outright (it may be a view
         # of W, a cached basis or a factor a residual record keeps)
         narrow = target.weight.dtype in (torch.bfloat16, torch.float16)
-        if (not unrounded and narrow and value.dtype == param.dtype == torch.float32
+        if (not as_is and narrow and value.dtype == param.dtype == torch.float32
                 and value.device == param.device):
             # fp32 adapters of a bf16 / fp16 weight: rounded through the weight's dtype in place (in the method's own
             # tensor when it owns it, else a copy in fresh memory), chunk by chunk (no whole-size temporaries): the
@@ -446,7 +446,7 @@ class Transaction:
             for chunk in new.view(-1).split(1 << 20):
                 chunk.copy_(chunk.to(target.weight.dtype))
         else:
-            rounded = value if unrounded else value.to(target.weight.dtype)
+            rounded = value if as_is else value.to(target.weight.dtype)
             new = rounded.to(device=param.device, dtype=param.dtype).reshape(param.shape)
             if new.data_ptr() == value.data_ptr() and not owned:
                 new = new.clone()

@@ -73,8 +73,9 @@ def test_low_precision_model(llama_base, tokens, dtype):
     layer = model.base_model.model.model.layers[0].mlp.down_proj
     assert layer.base_layer.weight.dtype == dtype
     # adapters hold values rounded to the base dtype, in the dtype peft gave them (fp32 with autocast)
-    A = layer.lora_A["default"].weight
-    assert torch.equal(A, A.to(dtype).to(A.dtype))
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    assert A.dtype == B.dtype == torch.float32
+    assert torch.equal(A, A.to(dtype).to(A.dtype)) and torch.equal(B, B.to(dtype).to(B.dtype))
     # output preserved within the dtype's precision (the residual is rounded once per weight entry)
     assert relative_error(logits(model, tokens), y0) <= 20 * torch.finfo(dtype).eps
 

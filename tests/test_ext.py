@@ -110,6 +110,7 @@ def test_opcheck_every_op(backend):
         (ops.loram_residual_batch_.default, ([W.clone(), W.clone()], [0.5, -0.25], 3, 0)),
         (ops.lowrank_row_norms.default,
          (W, torch.randn(9, 2, device=device), torch.randn(2, 7, device=device), 0.5, 0, 0)),
+        (ops.scale_rounded_.default, (torch.empty(9, 7, device=device), W, 0.5, 1)),
     ]
     for op, args in checks:
         torch.library.opcheck(op, args)
@@ -306,13 +307,18 @@ torch.ops.loram_fast.loram_residual_batch_(out[:2], [0.7, 1e-36], 16, 0)  # 1e-3
 torch.ops.loram_fast.loram_residual_(out[2], -0.3, 5, 1)
 U = W.clone()
 torch.ops.loram_fast.lowrank_update_(U, torch.randn(301, 4, generator=g), torch.randn(4, 517, generator=g), 0.3)
-torch.save([t.contiguous().view(torch.int16) for t in out + [U]], sys.argv[1])
+M = (torch.randn(37, 5003, generator=g) * 0.05).to(torch.bfloat16)  # rows across the fp64 flush, odd tails
+M.view(-1)[:4] = torch.tensor([1e-40, -1e-39, 3.0e18, 2e-38])
+M = torch.cat([M, W[9:46, :]], 1)
+sums = [t.view(torch.int32) for t in torch.ops.loram_fast.row_moments(M)]
+torch.save([t.contiguous().view(torch.int16) for t in out + [U]] + sums, sys.argv[1])
 """
 
 
 def test_bf16_hardware_rounding_is_bit_for_bit_the_portable_loop(tmp_path):
-    """On a CPU with AVX512-BF16 the bf16 row updates round with vcvtneps2bf16: the same bits as the portable loops
-    (LORAM_FAST_NO_BF16_HW=1), NaN, infinities and subnormal results included."""
+    """On a CPU with AVX512-BF16 the bf16 row updates round with vcvtneps2bf16 and the row moments sum 16 lanes at
+    a time: the same bits as the portable loops (LORAM_FAST_NO_BF16_HW=1), NaN, infinities and subnormal results
+    included."""
     import os
     import subprocess
     import sys
@@ -336,3 +342,55 @@ def test_bf16_hardware_rounding_is_bit_for_bit_the_portable_loop(tmp_path):
     for a, b in zip(*results):
         assert torch.equal(a, b)
     assert (results[0][0] != torch.zeros_like(results[0][0])).any()
+
+
+def _bits_or_nan_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same fp32 bits everywhere, except that a NaN may be any NaN."""
+    nan = a.isnan()
+    return torch.equal(nan, b.isnan()) and torch.equal(a.view(torch.int32)[~nan], b.view(torch.int32)[~nan])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scale_rounded_is_torchs_rounding(dtype, backend):
+    """``scale_rounded_`` = ``(src * alpha).to(dtype).to(fp32)`` bit for bit: ties, subnormal results, overflow to
+    infinity, signed zeros, odd sizes (the vector loops' tails) and a size split across threads."""
+    from loram_fast.ops.rounding import scale_rounded
+
+    name, device = backend
+    for shape in [(1, 7), (37, 53), (300, 517)]:
+        x = torch.randn(shape)
+        flat = x.view(-1)
+        flat[:6] = torch.tensor([float("inf"), -0.0, 3.0e38, 1e-40, 1.0 + 2.0 ** -8, 1.0 + 3 * 2.0 ** -8])
+        if flat.numel() > 7:
+            flat[6] = float("nan")
+        for alpha in (1.0, 0.37, -1.7e-3, 7e4):
+            expect = (x * alpha).to(dtype).float()
+            got = scale_rounded(x.to(device), alpha, dtype, backend=name).cpu()
+            reference = scale_rounded(x, alpha, dtype, backend="torch")
+            assert _bits_or_nan_equal(got, expect), (shape, alpha)
+            assert _bits_or_nan_equal(reference, expect), (shape, alpha)
+
+
+def test_scale_rounded_refuses_bad_arguments(backend):
+    from loram_fast.ops.rounding import scale_rounded
+
+    _, device = backend
+    x = torch.randn(8, 6, device=device)
+    with pytest.raises(RuntimeError, match="must be fp32"):
+        ops.scale_rounded_(torch.empty(8, 6, device=device), x.double(), 0.5, 1)
+    with pytest.raises(RuntimeError, match="one shape and contiguous"):
+        ops.scale_rounded_(torch.empty(6, 8, device=device), x, 0.5, 1)
+    with pytest.raises(RuntimeError, match="one shape and contiguous"):
+        ops.scale_rounded_(torch.empty(6, 8, device=device).T, x, 0.5, 1)
+    with pytest.raises(RuntimeError, match="code must be"):
+        ops.scale_rounded_(torch.empty(8, 6, device=device), x, 0.5, 3)
+    buf = torch.randn(60, device=device)
+    with pytest.raises(RuntimeError, match="overlap"):
+        ops.scale_rounded_(buf[:48].view(8, 6), buf[4:52].view(8, 6), 0.5, 1)
+    same = x.clone()
+    ops.scale_rounded_(same, same, 0.5, 1)  # in place is allowed
+    assert torch.equal(same, (x * 0.5).to(torch.bfloat16).float())
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        scale_rounded(x.T, 0.5, torch.bfloat16)
+    with pytest.raises(ValueError, match="dtype must be"):
+        scale_rounded(x, 0.5, torch.float64)

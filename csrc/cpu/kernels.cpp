@@ -264,6 +264,47 @@ LORAM_FAST_BF16_TARGET void axpy_reversed_bf16_hw(uint16_t* __restrict row, cons
   for (; j < n; ++j) row[j] = round_bf16_bits(bf16_bits_to_float(row[j]) + a * p[n - 1 - j]);
 }
 
+// Sum and sum of squares of a contiguous bf16 row with 16-lane vectors: the order of LORAM_FAST_ROW_SUMS_BODY
+// exactly (its accumulators a0|a1 and a2|a3 side by side in one register each; the squares multiplied, then added),
+// so the same bits as row_sums_bf16, with half the instructions (the 8-lane loop is bound by its conversions).
+LORAM_FAST_BF16_TARGET void row_sums_bf16_hw(const uint16_t* x, int64_t n, double* out_sum, double* out_sq) {
+  double sum = 0.0, sq = 0.0;
+  for (int64_t start = 0; start < n; start += kFlush) {
+    const int64_t stop = std::min(n, start + kFlush);
+    __m512 a01 = _mm512_setzero_ps(), a23 = _mm512_setzero_ps(), q01 = _mm512_setzero_ps(),
+           q23 = _mm512_setzero_ps();
+    int64_t j = start;
+    for (; j + 32 <= stop; j += 32) {
+      const __m512 u = load_bf16_hw(x + j), v = load_bf16_hw(x + j + 16);
+      a01 = _mm512_add_ps(a01, u);
+      a23 = _mm512_add_ps(a23, v);
+      q01 = _mm512_add_ps(q01, _mm512_mul_ps(u, u));
+      q23 = _mm512_add_ps(q23, _mm512_mul_ps(v, v));
+    }
+    double ts = 0.0, tq = 0.0;
+    for (; j < stop; ++j) {
+      const float t = bf16_bits_to_float(x[j]);
+      ts += t;
+      tq += static_cast<double>(t * t);
+    }
+    const __m256 a = _mm256_add_ps(_mm256_add_ps(_mm512_castps512_ps256(a01), _mm512_extractf32x8_ps(a01, 1)),
+                                   _mm256_add_ps(_mm512_castps512_ps256(a23), _mm512_extractf32x8_ps(a23, 1)));
+    const __m256 q = _mm256_add_ps(_mm256_add_ps(_mm512_castps512_ps256(q01), _mm512_extractf32x8_ps(q01, 1)),
+                                   _mm256_add_ps(_mm512_castps512_ps256(q23), _mm512_extractf32x8_ps(q23, 1)));
+    alignas(32) float al[8], ql[8];
+    _mm256_store_ps(al, a);
+    _mm256_store_ps(ql, q);
+    for (int l = 0; l < 8; ++l) {
+      ts += al[l];
+      tq += ql[l];
+    }
+    sum += ts;
+    sq += tq;
+  }
+  *out_sum = sum;
+  *out_sq = sq;
+}
+
 bool bf16_hw() {
   static const bool ok = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
@@ -299,7 +340,15 @@ std::tuple<at::Tensor, at::Tensor> row_moments(const at::Tensor& W) {
     at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         double s, q;
+#ifdef LORAM_FAST_BF16_HW
+        if (sn == 1 && std::is_same<scalar_t, at::BFloat16>::value && bf16_hw()) {
+          row_sums_bf16_hw(reinterpret_cast<const uint16_t*>(w + i * sm), n, &s, &q);
+        } else {
+          row_sums(w + i * sm, n, sn, &s, &q);
+        }
+#else
         row_sums(w + i * sm, n, sn, &s, &q);
+#endif
         ps[i] = static_cast<float>(s);
         pq[i] = static_cast<float>(q);
       }
@@ -570,6 +619,27 @@ at::Tensor lowrank_row_norms(const at::Tensor& W, const at::Tensor& B_in, const 
     });
   }
   return out;
+}
+
+// out[j] = alpha · src[j] rounded to bf16 and held in fp32 (the high half of the float: the rounded bits << 16).
+LORAM_FAST_CLONES void scale_rounded_bf16(float* __restrict out, const float* __restrict src, int64_t n, float a) {
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t bits = static_cast<uint32_t>(round_bf16_bits(a * src[j])) << 16;
+    std::memcpy(out + j, &bits, 4);
+  }
+}
+
+void scale_rounded_(at::Tensor out, const at::Tensor& src, double alpha, int64_t code) {
+  check_scale_rounded(out, src, code);
+  TORCH_CHECK(out.device().is_cpu(), "loram_fast.scale_rounded_: expected CPU tensors");
+  float* po = out.data_ptr<float>();
+  const float* ps = src.data_ptr<float>();
+  const float a = static_cast<float>(alpha);
+  const int c = static_cast<int>(code);
+  at::parallel_for(0, out.numel(), 1 << 16, [&](int64_t b, int64_t e) {
+    if (c == kmath::kBF16) return scale_rounded_bf16(po + b, ps + b, e - b, a);
+    for (int64_t j = b; j < e; ++j) po[j] = kmath::round_to_code(a * ps[j], c);
+  });
 }
 
 }  // namespace

@@ -277,6 +277,23 @@ at::Tensor lowrank_row_norms(const at::Tensor& W, const at::Tensor& B_in, const 
   return out;
 }
 
+__global__ void scale_rounded_kernel(float* __restrict__ out, const float* __restrict__ src, int64_t count, float a,
+                                     int code) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < count;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    out[i] = kmath::round_to_code(a * src[i], code);
+}
+
+void scale_rounded_(at::Tensor out, const at::Tensor& src, double alpha, int64_t code) {
+  check_scale_rounded(out, src, code);
+  if (out.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(out.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  scale_rounded_kernel<<<blocks_for(out.numel(), 256, 65536), 256, 0, stream>>>(
+      out.data_ptr<float>(), src.data_ptr<float>(), out.numel(), static_cast<float>(alpha), static_cast<int>(code));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(loram_fast, CUDA, m) {

@@ -37,8 +37,9 @@ class LayerInit:
     new_weight: Optional[torch.Tensor] = None
     rank: Optional[int] = None  # the adapter's new rank (EVA's redistribution); 0 removes the LoRA layer
     lora_alpha: Optional[float] = None  # with ``rank``: the adapter's lora_alpha at that rank
-    # A, B are stored as they are (EVA copies its fp32 components), not first rounded to the base weight's dtype
-    unrounded: bool = False
+    # A, B are stored as they are, not first rounded through the base weight's dtype: EVA copies its fp32 components
+    # unrounded, LoRAM rounds its own in the pass that forms them
+    as_is: bool = False
 
     def adapters(self) -> dict:
         """``{peft module name: matrix}`` to store."""
