@@ -64,25 +64,44 @@ def _stats(times: list[float]) -> dict:
     return {"median_s": statistics.median(times), "p20_s": q[0], "p80_s": q[3]}
 
 
+def _timed(fn: Callable[[], object], device: str) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
 def measure_interleaved(fns: dict[str, Callable[[], object]], *, device: str = "cpu", warmup: int = 1,
-                        reps: int = 10, setup: Callable[[], object] | None = None) -> dict[str, dict]:
+                        reps: int = 10, setup: Callable[[], object] | None = None,
+                        baseline: Callable[[], object] | None = None) -> dict[str, dict]:
     """:func:`measure` for several providers of the same op at once: each round calls every provider once, in an
     order that rotates from round to round, so the slow drifts of a shared machine hit them all alike and their
-    ratios stay meaningful. ``setup()``, untimed, runs before each call."""
+    ratios stay meaningful. ``setup()``, untimed, runs before each call. ``baseline()``: timed right after each
+    call, on the state that call left (the same memory: e.g. one pass over the same weights); each provider then
+    also gets ``baseline_s`` (the median baseline time) and ``ratio`` (the median of its time / baseline time,
+    call by call)."""
     names = list(fns)
     times: dict[str, list[float]] = {name: [] for name in names}
+    ratios: dict[str, list[float]] = {name: [] for name in names}
+    bases: dict[str, list[float]] = {name: [] for name in names}
     for i in range(warmup + reps):
         shift = i % len(names)
         for name in names[shift:] + names[:shift]:
             if setup is not None:
                 setup()
-            _sync(device)
-            start = time.perf_counter()
-            fns[name]()
-            _sync(device)
+            t = _timed(fns[name], device)
+            b = _timed(baseline, device) if baseline is not None else None
             if i >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: _stats(t) for name, t in times.items()}
+                times[name].append(t)
+                if b is not None:
+                    bases[name].append(b)
+                    ratios[name].append(t / b)
+    out = {name: _stats(t) for name, t in times.items()}
+    if baseline is not None:
+        for name in names:
+            out[name].update(baseline_s=statistics.median(bases[name]), ratio=statistics.median(ratios[name]))
+    return out
 
 
 def _cpu_name() -> str:

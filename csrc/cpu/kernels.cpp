@@ -240,27 +240,40 @@ LORAM_FAST_BF16_TARGET inline __m512 load_bf16_hw(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+// 16 entries of a bf16 row: row[j .. j+15] += a · k, rounded.
+LORAM_FAST_BF16_TARGET inline void axpy16_bf16_hw(uint16_t* row, __m512 av, __m512 k) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(row), round_bf16_hw(_mm512_fmadd_ps(av, k, load_bf16_hw(row))));
+}
+
+// ``next`` (or null): a row to be updated after this one, whose cache lines are asked for (for writing) as the
+// same lines of this row are updated: one prefetch per 64 bytes, spread over the row.
 LORAM_FAST_BF16_TARGET void axpy_row_bf16_hw(uint16_t* __restrict row, const float* __restrict p, int64_t n,
-                                             float a) {
+                                             float a, const char* next) {
   const __m512 av = _mm512_set1_ps(a);
   int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    const __m512 y = _mm512_fmadd_ps(av, _mm512_loadu_ps(p + j), load_bf16_hw(row + j));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + j), round_bf16_hw(y));
-  }
+  if (next != nullptr)
+    for (; j + 32 <= n; j += 32) {
+      __builtin_prefetch(next + 2 * j, 1, 3);
+      axpy16_bf16_hw(row + j, av, _mm512_loadu_ps(p + j));
+      axpy16_bf16_hw(row + j + 16, av, _mm512_loadu_ps(p + j + 16));
+    }
+  for (; j + 16 <= n; j += 16) axpy16_bf16_hw(row + j, av, _mm512_loadu_ps(p + j));
   for (; j < n; ++j) row[j] = round_bf16_bits(bf16_bits_to_float(row[j]) + a * p[j]);
 }
 
 LORAM_FAST_BF16_TARGET void axpy_reversed_bf16_hw(uint16_t* __restrict row, const float* __restrict p, int64_t n,
-                                                  float a) {
+                                                  float a, const char* next) {
   const __m512 av = _mm512_set1_ps(a);
-  const __m512i reverse = _mm512_set_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i rev = _mm512_set_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  // row[j .. j+15] += a · reversed(p[n−16−j .. n−1−j])
   int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {  // row[j .. j+15] += a · reversed(p[n−16−j .. n−1−j])
-    const __m512 k = _mm512_permutexvar_ps(reverse, _mm512_loadu_ps(p + n - 16 - j));
-    const __m512 y = _mm512_fmadd_ps(av, k, load_bf16_hw(row + j));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + j), round_bf16_hw(y));
-  }
+  if (next != nullptr)
+    for (; j + 32 <= n; j += 32) {
+      __builtin_prefetch(next + 2 * j, 1, 3);
+      axpy16_bf16_hw(row + j, av, _mm512_permutexvar_ps(rev, _mm512_loadu_ps(p + n - 16 - j)));
+      axpy16_bf16_hw(row + j + 16, av, _mm512_permutexvar_ps(rev, _mm512_loadu_ps(p + n - 32 - j)));
+    }
+  for (; j + 16 <= n; j += 16) axpy16_bf16_hw(row + j, av, _mm512_permutexvar_ps(rev, _mm512_loadu_ps(p + n - 16 - j)));
   for (; j < n; ++j) row[j] = round_bf16_bits(bf16_bits_to_float(row[j]) + a * p[n - 1 - j]);
 }
 
@@ -313,18 +326,42 @@ bool bf16_hw() {
 }
 #endif
 
+// Bytes of a row updated per step when the next row is prefetched alongside (compiler-vectorised loops), each step
+// after a prefetch of the same bytes of the next row: spread out, the prefetches keep memory busy without flooding
+// the miss queues (whole-row prefetches: 1.25–1.4× the floor on bf16 weights, 256-byte steps: 1.1×).
+constexpr int64_t kPrefetchChunk = 256;
+
+// Ask for the cache lines of one row ahead of their use (for writing: they are read, then written).
+inline void prefetch_row(const void* row, int64_t bytes) {
+  const char* p = static_cast<const char*>(row);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 1, 3);
+}
+
 template <typename scalar_t>
-inline void axpy_row(scalar_t* row, int64_t stride, const float* p, int64_t n, float a, bool reversed = false) {
-  if (stride == 1 && std::is_same<scalar_t, at::BFloat16>::value) {
-    uint16_t* bits = reinterpret_cast<uint16_t*>(row);
-#ifdef LORAM_FAST_BF16_HW
-    if (bf16_hw()) return (reversed ? axpy_reversed_bf16_hw : axpy_row_bf16_hw)(bits, p, n, a);
-#endif
-    return (reversed ? axpy_reversed_bf16 : axpy_row_bf16)(bits, p, n, a);
-  }
+inline void axpy_row_plain(scalar_t* row, int64_t stride, const float* p, int64_t n, float a, bool reversed) {
+  if (stride == 1 && std::is_same<scalar_t, at::BFloat16>::value)
+    return (reversed ? axpy_reversed_bf16 : axpy_row_bf16)(reinterpret_cast<uint16_t*>(row), p, n, a);
   if (stride == 1 && std::is_same<scalar_t, float>::value)
     return (reversed ? axpy_reversed_f32 : axpy_row_f32)(reinterpret_cast<float*>(row), p, n, a);
   axpy_row_generic(row, stride, p, n, a, reversed);
+}
+
+// ``next`` (contiguous rows only, or null): the row to be updated after this one, prefetched alongside this one.
+template <typename scalar_t>
+inline void axpy_row(scalar_t* row, int64_t stride, const float* p, int64_t n, float a, bool reversed = false,
+                     const char* next = nullptr) {
+#ifdef LORAM_FAST_BF16_HW
+  if (stride == 1 && std::is_same<scalar_t, at::BFloat16>::value && bf16_hw())
+    return (reversed ? axpy_reversed_bf16_hw : axpy_row_bf16_hw)(reinterpret_cast<uint16_t*>(row), p, n, a, next);
+#endif
+  if (next == nullptr || stride != 1) return axpy_row_plain(row, stride, p, n, a, reversed);
+  // the compiler-vectorised loops in chunks, each after a prefetch of the same chunk of the next row
+  const int64_t chunk = kPrefetchChunk / static_cast<int64_t>(sizeof(scalar_t));
+  for (int64_t j0 = 0; j0 < n; j0 += chunk) {
+    const int64_t j1 = std::min(n, j0 + chunk);
+    prefetch_row(next + j0 * sizeof(scalar_t), (j1 - j0) * sizeof(scalar_t));
+    axpy_row_plain(row + j0, 1, reversed ? p + (n - j1) : p + j0, j1 - j0, a, reversed);
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> row_moments(const at::Tensor& W) {
@@ -419,16 +456,6 @@ inline int64_t residual_block_floats() {
   return floats;
 }
 
-// Bytes of a weight's row updated per step of the residual kernel, each step after a prefetch of the same bytes of
-// the next row: spread out, the prefetches keep memory busy without flooding the miss queues (whole-row prefetches:
-// 1.25–1.4× the floor on bf16 weights, 256-byte steps: 1.1×).
-constexpr int64_t kPrefetchChunk = 256;
-
-// Ask for the cache lines of one row ahead of their use (for writing: they are read, then written).
-inline void prefetch_row(const void* row, int64_t bytes) {
-  const char* p = static_cast<const char*>(row);
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 1, 3);
-}
 
 void loram_residual_batch_(at::TensorList weights, at::ArrayRef<double> coefs, int64_t r, int64_t kind_) {
   check_residual_batch(weights, coefs, r, kind_);
@@ -501,7 +528,6 @@ void loram_residual_batch_(at::TensorList weights, at::ArrayRef<double> coefs, i
           *u = v < len ? v : 2 * len - 1 - v;  // the mirrored rows in ascending order too
           return w[b] + (v < len ? i0 + *u : m - 1 - (i0 + *u)) * sm;
         };
-        const int64_t chunk = row_bytes > 0 ? kPrefetchChunk / static_cast<int64_t>(sizeof(scalar_t)) : n;
         for (int64_t t = 0; t < visits; ++t) {
           int64_t u;
           scalar_t* row = row_of(t, &u);
@@ -512,13 +538,7 @@ void loram_residual_batch_(at::TensorList weights, at::ArrayRef<double> coefs, i
           int64_t next_u;
           const char* next = t + 1 < visits && row_bytes > 0 ? reinterpret_cast<const char*>(row_of(t + 1, &next_u))
                                                              : nullptr;
-          // the row in chunks, each after asking for the same chunk of the next row: prefetches spread over the row
-          for (int64_t j0 = 0; j0 < n; j0 += chunk) {
-            const int64_t j1 = std::min(n, j0 + chunk);
-            if (next) prefetch_row(next + j0 * sizeof(scalar_t), (j1 - j0) * sizeof(scalar_t));
-            if (forward) axpy_row(row + j0 * sn, sn, ku + j0, j1 - j0, scale);
-            else axpy_row(row + j0 * sn, sn, ku + (n - j1), j1 - j0, scale, /*reversed=*/true);
-          }
+          axpy_row(row, sn, ku, n, scale, /*reversed=*/!forward, next);
         }
       }
     });
