@@ -184,10 +184,11 @@ register(_loram_method("loram_dct", "dct2", "LoRAM with orthonormal DCT-II bases
 
 def _svd_method(name: str, which: str, niter: Optional[int], description: str, reference: str) -> Method:
     def init_batch(views, r, scalings, *, backend=None, bases=None, **options):
-        return _svd.svd_init_batch(views, r, scalings, which=which, niter=niter, backend=backend, **options)
+        return _svd.svd_init_batch(views, r, scalings, which=which, niter=niter, backend=backend, bases=bases,
+                                   **options)
 
     def init(W, r, scaling, *, backend=None, bases=None, **options):
-        return init_batch([W], r, [scaling], backend=backend, **options)[0]
+        return init_batch([W], r, [scaling], backend=backend, bases=bases, **options)[0]
 
     def init_sharded(op, r, scaling, *, backend=None, bases=None, **options):
         return _svd.svd_init_sharded(op, r, scaling, niter=niter, backend=backend, **options)
@@ -357,7 +358,7 @@ register(Method(name="orthogonal", residual=False, init=_orthogonal_init, check=
 register(Method(name="mica", residual=False, check=_svd.check_rank,
                 options={"solver": _opt.choice("iterative", "svd")},
                 init=lambda W, r, scaling, *, backend=None, bases=None, solver="iterative": _svd.mica_init(
-                    W, r, scaling, solver),
+                    W, r, scaling, solver, memo=bases),
                 description="MiCA: B = the r minor left singular vectors (shift-and-invert iteration or the full "
                             "SVD), A = 0, B frozen; W untouched",
                 reference="peft LoraLayer.mica_init + MiCALinearVariant; arXiv 2604.01694"))

@@ -125,3 +125,44 @@ def test_hook_milora_and_take_over(llama_base):
     from peft.tuners.lora import LoraLayer
 
     assert not getattr(LoraLayer.pissa_init, "_loram_fast_hook", False)
+
+
+@pytest.mark.parametrize("method", ["milora", "mica"])
+def test_minor_components_skip_the_attempt_after_a_shape_fell_back(method, monkeypatch):
+    """Three 400×400 weights with flat bottoms (σ_k ∝ k^-0.5) and one 400×300: the first of each shape tries the
+    iteration and falls back; the other 400×400 ones go to the full SVD at once. Every layer gets LAPACK's minor
+    subspace either way."""
+    import loram_fast.methods.svd as svd_mod
+    from loram_fast.ops import topsvd
+
+    def flat(m, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        k = min(m, n)
+        U, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
+        V, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
+        return ((U * torch.arange(1, k + 1, dtype=torch.float64) ** -0.5) @ V.T).float()
+
+    net = torch.nn.Sequential(torch.nn.Linear(400, 400, bias=False), torch.nn.Linear(400, 400, bias=False),
+                              torch.nn.Linear(300, 400, bias=False), torch.nn.Linear(400, 400, bias=False))
+    with torch.no_grad():
+        for i, lin in enumerate(net):
+            lin.weight.copy_(flat(*lin.weight.shape, seed=i))
+    originals = [lin.weight.detach().clone() for lin in net]
+    calls = []
+
+    def spy(W, r, **kw):
+        got = topsvd.bottom_svd(W, r, **kw)
+        calls.append((tuple(W.shape), kw.get("attempt", True), got.fallback))
+        return got
+
+    monkeypatch.setattr(svd_mod, "bottom_svd", spy)
+    model = get_peft_model(net, LoraConfig(r=6, lora_alpha=6, target_modules=["0", "1", "2", "3"]))
+    loram_fast.init_model(model, method, progress=False)
+    assert sorted(calls) == sorted([((400, 400), True, True), ((400, 300), True, True),
+                                    ((400, 400), False, True), ((400, 400), False, True)])
+    for name, W in zip(["0", "1", "2", "3"], originals):
+        layer = dict(model.named_modules())[f"base_model.model.{name}"]
+        U = torch.linalg.svd(W.double(), full_matrices=False).U[:, -6:]
+        B = layer.lora_B["default"].weight.detach().double()
+        Q = torch.linalg.qr(B)[0]  # the minor left subspace: B's columns span it
+        assert torch.linalg.svdvals(U.T @ Q).min() >= 1 - 1e-4, name

@@ -16,6 +16,7 @@ Every function takes a batch of same-shaped weights (b, out, in), any float dtyp
 """
 from __future__ import annotations
 
+import logging
 
 import torch
 
@@ -24,6 +25,8 @@ from ..ops.rsvd import randomized_svd, randomized_svd_sharded
 from ..ops.threads import small_op
 from ..ops.topsvd import bottom_svd, top_svd, top_svd_sharded
 from .common import LayerInit, product_residual
+
+logger = logging.getLogger(__name__)
 
 # fp32 bytes of one stacked batch: larger groups are processed in several batches
 BATCH_BYTES = 512 << 20
@@ -42,14 +45,31 @@ def _check_finite(W: torch.Tensor, name: str) -> None:
         raise ValueError(f"loram_fast.{name}: the weight holds NaN or Inf values")
 
 
+def minor_svd(W: torch.Tensor, r: int, *, need: str = "both", memo: dict | None = None):
+    """:func:`~loram_fast.ops.topsvd.bottom_svd` of one weight; ``memo`` (the call's cache, shared by its layers)
+    remembers the shapes whose iteration fell back to the full SVD, and later weights of such a shape go to the
+    full SVD at once: a model of like weights pays the failed attempt (up to ~10 % of an SVD) once per shape, not
+    once per weight. The result is exact either way."""
+    key = ("bottom_svd fell back", tuple(W.shape), r, need)
+    if memo is not None and memo.get(key):
+        return bottom_svd(W, r, need=need, attempt=False)
+    got = bottom_svd(W, r, need=need)
+    if memo is not None and got.fallback and got.passes > 0:
+        memo[key] = True
+        logger.debug("loram_fast: the minor-component iteration on a %s weight fell back to the full SVD; later "
+                     "weights of that shape in this call go to the full SVD at once", "×".join(map(str, W.shape)))
+    return got
+
+
 def svd_factors(W: torch.Tensor, r: int, scalings: torch.Tensor, *, which: str, niter: int | None,
-                oversample: int = 8, solver: str = "iterative", backend=None):
-    """(A, B) batched for PiSSA (``which="top"``) or MiLoRA (``"bottom"``) on W (b, out, in)."""
+                oversample: int = 8, solver: str = "iterative", backend=None, memo: dict | None = None):
+    """(A, B) batched for PiSSA (``which="top"``) or MiLoRA (``"bottom"``) on W (b, out, in); ``memo``: see
+    :func:`minor_svd`."""
     name = "pissa" if which == "top" else "milora"
     if niter is None and which == "top" and solver == "iterative":
         U, S, Vh, _, _ = top_svd(W, r, backend=backend)  # refuses NaN/Inf itself (on its sketch, no extra pass)
     elif niter is None and which == "bottom" and solver == "iterative":
-        parts = [bottom_svd(w, r) for w in W.reshape(-1, *W.shape[-2:])]
+        parts = [minor_svd(w, r, memo=memo) for w in W.reshape(-1, *W.shape[-2:])]
         U = torch.stack([p.U for p in parts]).reshape(*W.shape[:-2], W.shape[-2], r)
         S = torch.stack([p.S for p in parts]).reshape(*W.shape[:-2], r)
         Vh = torch.stack([p.Vh for p in parts]).reshape(*W.shape[:-2], r, W.shape[-1])
@@ -98,9 +118,10 @@ def _batched(views: list[torch.Tensor], fn, scalings: list[float]):
 
 def svd_init_batch(views, r, scalings, *, which="top", niter=None, oversample=8, solver="iterative", backend=None,
                    bases=None):
-    """LayerInits for PiSSA/MiLoRA on same-shaped weights (one batched factorisation per memory batch)."""
+    """LayerInits for PiSSA/MiLoRA on same-shaped weights (one batched factorisation per memory batch); ``bases``:
+    the call's cache (MiLoRA: :func:`minor_svd`'s memo)."""
     pairs = _batched(views, lambda W, s: svd_factors(W, r, s, which=which, niter=niter, oversample=oversample,
-                                                      solver=solver, backend=backend), scalings)
+                                                      solver=solver, backend=backend, memo=bases), scalings)
     return [_with_residual(A, B, s) for (A, B), s in zip(pairs, scalings)]
 
 
@@ -144,14 +165,14 @@ def olora_init_sharded(op, r: int, scaling: float, *, backend=None, bases=None) 
     return _with_residual(A, Q, scaling)
 
 
-def mica_init(W: torch.Tensor, r: int, scaling: float, solver: str = "iterative") -> LayerInit:
+def mica_init(W: torch.Tensor, r: int, scaling: float, solver: str = "iterative", memo: dict | None = None) -> LayerInit:
     """MiCA (peft ``mica_init``, arXiv 2604.01694): ``B = U[:, -r:]``, the left singular vectors of the r smallest
     singular values of W, ``A = 0``, B frozen; W untouched (``B A = 0``). ``solver="iterative"``:
     :func:`~loram_fast.ops.topsvd.bottom_svd` (the same subspace, signs free); ``"svd"``: the full fp32 SVD, as
     peft."""
     if solver == "iterative":
         try:
-            B = bottom_svd(W, r, need="U").U.contiguous()
+            B = minor_svd(W, r, need="U", memo=memo).U.contiguous()
         except ValueError as exc:
             raise ValueError(str(exc).replace("bottom_svd", "mica")) from exc
     else:

@@ -210,7 +210,7 @@ class BottomSVD(NamedTuple):
 
 
 def bottom_svd(W: torch.Tensor, r: int, *, tol: float | None = None, need: str = "both",
-               generator: torch.Generator | None = None) -> BottomSVD:
+               generator: torch.Generator | None = None, attempt: bool = True) -> BottomSVD:
     """The r smallest singular triplets of W (m×n; the last r of ``torch.linalg.svd(W, full_matrices=False)``),
     without a full SVD of W where iterating pays.
 
@@ -220,6 +220,7 @@ def bottom_svd(W: torch.Tensor, r: int, *, tol: float | None = None, need: str =
     spectrum, which iteration would not resolve within the cost of a full SVD, falls back after a pass or two to the
     full SVD (of R for a wide W, where that is cheaper than W's own; of W otherwise): then up to ~10 % slower than
     the SVD alone (the QR of R and the passes). ``need``: "U", "Vh" or "both" (Q is formed only where needed).
+    ``attempt=False``: no iteration, the fallback's full SVD at once (for weights like one that just fell back).
     """
     if need not in ("U", "Vh", "both"):
         raise ValueError(f"loram_fast.bottom_svd: need must be 'U', 'Vh' or 'both', got {need!r}")
@@ -237,13 +238,20 @@ def bottom_svd(W: torch.Tensor, r: int, *, tol: float | None = None, need: str =
                          Vh_all[-r:] if need != "U" else None, 0, True)
     # the taller orientation (a square W: the one whose needed side comes without Q)
     transposed = m < n or (m == n and need == "U")
+    # tall or near-square W: LAPACK's SVD of W costs no more than R's (it factors a tall W by QR first) and needs no
+    # Q; only for a wide W is the SVD of R (k×k) the cheaper full SVD
+    svd_of_w = not transposed or 5 * k >= 4 * max(m, n)
+    if not attempt and svd_of_w:
+        U_all, S_all, Vh_all = torch.linalg.svd(Wf, full_matrices=False)
+        return BottomSVD(U_all[:, -r:] if need != "Vh" else None, S_all[-r:],
+                         Vh_all[-r:] if need != "U" else None, 0, True)
     tall = Wf.mT if transposed else Wf  # = Q R
     # tall = W: U_W = Q U_R, V_W = V_R;  tall = Wᵀ: U_W = V_R, V_W = Q U_R
     need_q = need in ("both", "Vh") if transposed else need in ("both", "U")
     R = torch.linalg.qr(tall, mode="r")[1]  # Q (which costs as much again) only once it is known to be needed
     tol = default_tol(m, n) if tol is None else tol
     passes, converged = 0, False
-    if bool((R.diagonal().abs() > 0).all()):
+    if attempt and bool((R.diagonal().abs() > 0).all()):
         Vi, Si, Uih, passes, converged = subspace_iteration(_InverseTriangular(R), r, q, tol,
                                                             _bottom_budget(m, n, k, q), give_up=True,
                                                             generator=generator, owner="bottom_svd")
@@ -257,9 +265,7 @@ def bottom_svd(W: torch.Tensor, r: int, *, tol: float | None = None, need: str =
                          <= 8 * torch.finfo(torch.float32).eps * _largest_singular_value(R, generator))
     if converged:
         pass
-    elif not transposed or 5 * k >= 4 * max(m, n):
-        # tall or near-square W: LAPACK's SVD of W costs no more than R's (it factors a tall W by QR first) and
-        # needs no Q; only for a wide W is the SVD of R (k×k) the cheaper one
+    elif svd_of_w:
         U_all, S_all, Vh_all = torch.linalg.svd(Wf, full_matrices=False)
         return BottomSVD(U_all[:, -r:] if need != "Vh" else None, S_all[-r:],
                          Vh_all[-r:] if need != "U" else None, passes, True)
