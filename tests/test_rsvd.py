@@ -140,3 +140,19 @@ def test_target_accuracy_mode():
     assert passes[1.0, 1e-2] < passes[0.5, 1e-2] and passes[0.5, 1e-2] < passes[0.5, 1e-4]
     with pytest.raises(ValueError, match="tol"):
         randomized_svd(torch.randn(50, 40), 4, tol=0)
+
+
+@pytest.mark.parametrize("m,n", [(120, 300), (300, 120), (200, 200)])
+@pytest.mark.parametrize("niter", [0, 1, 2])
+def test_same_steps_as_svd_lowrank_at_q_equal_r(m, n, niter):
+    """With oversample 0 and the same Gaussian draw, randomized_svd takes torch.svd_lowrank's steps, in its
+    orientation (a wide matrix runs transposed: U then comes from the core SVD, half a power pass ahead): the same
+    subspaces and singular values. Checked on a flat spectrum, where the orientation changes the result."""
+    A = _matrix(m, n, decay=0.97, seed=5)
+    r = 8
+    torch.manual_seed(11)
+    Ut, St, Vt = torch.svd_lowrank(A, q=r, niter=niter)
+    U, S, Vh = randomized_svd(A, r, oversample=0, niter=niter, generator=torch.Generator().manual_seed(11))
+    assert _max_angle_sin(U, Ut) <= 1e-3 and _max_angle_sin(Vh.mT, Vt) <= 1e-3
+    assert torch.allclose(S, St, rtol=1e-4)
+    assert U.is_contiguous() and Vh.is_contiguous()

@@ -159,7 +159,10 @@ def _compare(sharded, reference, method, dtype, ulps=1, build=None):
         if dtype == torch.float32:
             assert _rel(W, W_ref) <= tol, (method, name, _rel(W, W_ref))
         elif ulps == 1 and method != "lora_ga":  # the same fp32 residual rounded once: one bf16 step per entry
-            assert bool(((W - W_ref).abs() <= W_ref.abs() * 2 ** -7 + 1e-6).all()), (method, name)
+            # (randomized and gradient methods: plus the subspace's movement, 1e-4 of the weight's scale, which
+            # decides alone where an entry of W − s·B A cancels to near zero)
+            floor = 1e-4 * float(W_ref.abs().max()) if method.startswith(("pissa_niter", "lora_")) else 1e-6
+            assert bool(((W - W_ref).abs() <= W_ref.abs() * 2 ** -7 + floor).all()), (method, name)
         else:  # several roundings (a chain of inits; cancellation makes a per-entry bound meaningless)
             assert _rel(W, W_ref) <= 1e-2, (method, name, _rel(W, W_ref))
         if method.startswith(("pissa", "lora_one")):  # singular vectors: signs are free, the product is not

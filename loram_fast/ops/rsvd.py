@@ -96,6 +96,18 @@ def svd_lowrank_sharded(op: MatrixOperator, q: int, *, niter: int = 2):
 def _randomized_svd(op: MatrixOperator, rank: int, *, oversample: int, niter: int, tol, max_passes: int, generator):
     k = min(op.shape)
     q = min(rank + oversample, k)
+    if tol is None and op.shape[0] < op.shape[1]:
+        # a wide M runs as Mᵀ (torch.svd_lowrank's orientation): Ω then has the short side, the QRs the long one,
+        # and U comes from the core SVD of Qᵀ Mᵀ = (M Q)ᵀ, half a power pass ahead of the sketched side (U of a
+        # 1024×2752 k^-0.25 weight at niter 0: 0.55 of the top-r energy instead of 0.27, bench/rsvd_pareto.py)
+        try:
+            flipped = op.transposed()
+        except NotImplementedError:
+            flipped = None
+        if flipped is not None:
+            U, S, Vh = _randomized_svd(flipped, rank, oversample=oversample, niter=niter, tol=None,
+                                       max_passes=max_passes, generator=generator)
+            return Vh.mT.contiguous(), S, U.mT.contiguous()
     if tol is not None:
         U, S, Vh, _, _ = subspace_iteration(op, rank, q, tol, max_passes, generator=generator,
                                             owner="randomized_svd")
