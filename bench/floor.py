@@ -91,7 +91,7 @@ def main(argv=None):
 
     def one(dtype, rank):
         if args.tinyllama:
-            return run(2048, 5632, rank, dtype, args.device, 3, with_torch=False, layers=22, kv_heads=4)
+            return run(2048, 5632, rank, dtype, args.device, 5, with_torch=False, layers=22, kv_heads=4)
         return run(hidden, inter, rank, dtype, args.device, 3 if args.quick else 5, with_torch=rank == 16)
 
     if args.one:
