@@ -101,7 +101,7 @@ def _randomized_svd(op: MatrixOperator, rank: int, *, oversample: int, niter: in
         # and U comes from the core SVD of Qᵀ Mᵀ = (M Q)ᵀ, half a power pass ahead of the sketched side (U of a
         # 1024×2752 k^-0.25 weight at niter 0: 0.55 of the top-r energy instead of 0.27, bench/rsvd_pareto.py)
         try:
-            flipped = op.transposed()
+            flipped = op.transposed(as_stored=True)
         except NotImplementedError:
             flipped = None
         if flipped is not None:
