@@ -39,6 +39,7 @@ from .ops.norms import lowrank_row_norms
 from .ops import memory
 from .ops.residual import (BasisResidual, LowRankResidual, Residual, apply_residual, apply_residuals,
                            write_cannot_fail)
+from .ops.rounding import scale_rounded
 from .ops.sharded import Sharding, all_reduce, any_rank, is_dtensor, local_part, local_tensor
 from .targets import LoraTarget
 
@@ -438,13 +439,14 @@ class Transaction:
         narrow = target.weight.dtype in (torch.bfloat16, torch.float16)
         if (not as_is and narrow and value.dtype == param.dtype == torch.float32
                 and value.device == param.device):
-            # fp32 adapters of a bf16 / fp16 weight: rounded through the weight's dtype in place (in the method's own
-            # tensor when it owns it, else a copy in fresh memory), chunk by chunk (no whole-size temporaries): the
-            # same bits as .to(W).to(fp32)
-            new = value.reshape(param.shape) if owned and value.is_contiguous() else memory.clone(
-                value.reshape(param.shape))
-            for chunk in new.view(-1).split(1 << 20):
-                chunk.copy_(chunk.to(target.weight.dtype))
+            # fp32 adapters of a bf16 / fp16 weight: rounded through the weight's dtype in one pass (scale_rounded:
+            # the same bits as .to(W).to(fp32)), in place in the method's own tensor when it owns it, else into
+            # fresh memory
+            src = value.reshape(param.shape)
+            in_place = owned and src.is_contiguous()
+            if not src.is_contiguous():
+                src, in_place = memory.clone(src), True
+            new = scale_rounded(src, 1.0, target.weight.dtype, out=src if in_place else None, backend=self.backend)
         else:
             rounded = value if as_is else value.to(target.weight.dtype)
             new = rounded.to(device=param.device, dtype=param.dtype).reshape(param.shape)

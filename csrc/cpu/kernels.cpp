@@ -167,17 +167,6 @@ void row_sums_generic(const scalar_t* x, int64_t n, int64_t stride, double* out_
   *out_sq = sq;
 }
 
-template <typename scalar_t>
-inline void row_sums(const scalar_t* x, int64_t n, int64_t stride, double* s, double* q) {
-  if (stride == 1 && std::is_same<scalar_t, float>::value) {
-    row_sums_f32(reinterpret_cast<const float*>(x), n, s, q);
-  } else if (stride == 1 && std::is_same<scalar_t, at::BFloat16>::value) {
-    row_sums_bf16(reinterpret_cast<const uint16_t*>(x), n, s, q);
-  } else {
-    row_sums_generic(x, n, stride, s, q);
-  }
-}
-
 // row[j] <- round(row[j] + a * p[j]) for j < n, contiguous; bf16 rounding as c10 does it.
 // Round to bf16 exactly as c10::BFloat16 does (nearest even, NaN -> 0x7FC0), on the bits.
 inline uint16_t round_bf16_bits(float y) {
@@ -326,6 +315,20 @@ bool bf16_hw() {
 }
 #endif
 
+template <typename scalar_t>
+inline void row_sums(const scalar_t* x, int64_t n, int64_t stride, double* s, double* q) {
+  if (stride == 1 && std::is_same<scalar_t, float>::value) {
+    row_sums_f32(reinterpret_cast<const float*>(x), n, s, q);
+  } else if (stride == 1 && std::is_same<scalar_t, at::BFloat16>::value) {
+#ifdef LORAM_FAST_BF16_HW
+    if (bf16_hw()) return row_sums_bf16_hw(reinterpret_cast<const uint16_t*>(x), n, s, q);
+#endif
+    row_sums_bf16(reinterpret_cast<const uint16_t*>(x), n, s, q);
+  } else {
+    row_sums_generic(x, n, stride, s, q);
+  }
+}
+
 // Bytes of a row updated per step when the next row is prefetched alongside (compiler-vectorised loops), each step
 // after a prefetch of the same bytes of the next row: spread out, the prefetches keep memory busy without flooding
 // the miss queues (whole-row prefetches: 1.25–1.4× the floor on bf16 weights, 256-byte steps: 1.1×).
@@ -377,15 +380,7 @@ std::tuple<at::Tensor, at::Tensor> row_moments(const at::Tensor& W) {
     at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         double s, q;
-#ifdef LORAM_FAST_BF16_HW
-        if (sn == 1 && std::is_same<scalar_t, at::BFloat16>::value && bf16_hw()) {
-          row_sums_bf16_hw(reinterpret_cast<const uint16_t*>(w + i * sm), n, &s, &q);
-        } else {
-          row_sums(w + i * sm, n, sn, &s, &q);
-        }
-#else
         row_sums(w + i * sm, n, sn, &s, &q);
-#endif
         ps[i] = static_cast<float>(s);
         pq[i] = static_cast<float>(q);
       }
@@ -522,22 +517,18 @@ void loram_residual_batch_(at::TensorList weights, at::ArrayRef<double> coefs, i
         // visit t: weight t / (2 len); v = t mod 2 len: row i0 + v (v < len) with K forward, else row m−1−(i0 + u),
         // u = 2 len − 1 − v, with K reversed: every row walked in ascending addresses, the rows too
         const int64_t visits = 2 * len * count;
-        auto row_of = [&](int64_t t, int64_t* u) {
-          const int64_t b = t / (2 * len), v = t % (2 * len);
-          *u = v < len ? v : 2 * len - 1 - v;  // the mirrored rows in ascending order too
-          return w[b] + (v < len ? i0 + *u : m - 1 - (i0 + *u)) * sm;
+        auto pair_of = [&](int64_t v) { return v < len ? v : 2 * len - 1 - v; };  // the block row of K visit v uses
+        auto row_of = [&](int64_t t) {
+          const int64_t v = t % (2 * len), u = pair_of(v);
+          return w[t / (2 * len)] + (v < len ? i0 + u : m - 1 - (i0 + u)) * sm;
         };
         for (int64_t t = 0; t < visits; ++t) {
-          int64_t u;
-          scalar_t* row = row_of(t, &u);
-          const bool forward = t % (2 * len) < len;
+          const int64_t v = t % (2 * len), u = pair_of(v);
+          const bool forward = v < len;
           if (!forward && m - 1 - (i0 + u) == i0 + u) continue;  // the middle row of an odd m: done forward
-          const float scale = scales[t / (2 * len)];
-          const float* ku = k + u * n;
-          int64_t next_u;
-          const char* next = t + 1 < visits && row_bytes > 0 ? reinterpret_cast<const char*>(row_of(t + 1, &next_u))
-                                                             : nullptr;
-          axpy_row(row, sn, ku, n, scale, /*reversed=*/!forward, next);
+          const char* next =
+              t + 1 < visits && row_bytes > 0 ? reinterpret_cast<const char*>(row_of(t + 1)) : nullptr;
+          axpy_row(row_of(t), sn, k + u * n, n, scales[t / (2 * len)], /*reversed=*/!forward, next);
         }
       }
     });

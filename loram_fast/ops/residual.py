@@ -299,13 +299,9 @@ def apply_residuals(writes: list[tuple[torch.Tensor, Residual]], sign: float = -
             owners.setdefault(W.data_ptr(), set()).add(key)
     spans = sorted({(_span(W), W.data_ptr()) for W, _ in writes if W.numel()})
     shared = any(b[0][0] < a[0][1] and b[1] != a[1] for a, b in zip(spans, spans[1:]))
-    batchable = not shared and all(len(keys) == 1 for keys in owners.values())
+    if shared or any(len(keys) > 1 for keys in owners.values()):
+        groups = {("single", i): [item] for i, item in enumerate(writes)}  # one call each, in order
     with torch.no_grad():
-        if not batchable:
-            for W, residual in writes:
-                apply_residual(W, residual, sign, backend=backend)
-                done.append((W, residual))
-            return
         for key, items in groups.items():
             W0, first = items[0]
             name = (dispatch.resolve("loram_residual_", W0.device, backend)[0]

@@ -30,14 +30,17 @@ def scale_rounded_native_(out: torch.Tensor, src: torch.Tensor, alpha: float, dt
     torch.ops.loram_fast.scale_rounded_(out, src, float(alpha), _CODES[dtype])
 
 
-def scale_rounded(src: torch.Tensor, alpha: float, dtype: torch.dtype, *, backend=None) -> torch.Tensor:
-    """``(src * alpha).to(dtype).to(fp32)`` for a contiguous fp32 ``src`` of any shape, in one fresh tensor."""
+def scale_rounded(src: torch.Tensor, alpha: float, dtype: torch.dtype, *, out: torch.Tensor | None = None,
+                  backend=None) -> torch.Tensor:
+    """``(src * alpha).to(dtype).to(fp32)`` for a contiguous fp32 ``src`` of any shape, in one fresh tensor (or in
+    ``out``, which may be ``src`` itself: in place)."""
     if src.dtype != torch.float32 or not src.is_contiguous():
         raise ValueError(f"loram_fast.scale_rounded: expected a contiguous fp32 tensor, got {src.dtype} "
                          f"with strides {tuple(src.stride())}")
     if dtype not in _CODES:
         raise ValueError(f"loram_fast.scale_rounded: dtype must be fp32, bf16 or fp16, got {dtype}")
-    out = memory.empty(tuple(src.shape), dtype=torch.float32, device=src.device)
+    if out is None:
+        out = memory.empty(tuple(src.shape), dtype=torch.float32, device=src.device)
     _, impl = dispatch.resolve("scale_rounded", src.device, backend)
     impl(out, src, alpha, dtype)
     return out

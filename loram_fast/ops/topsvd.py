@@ -233,18 +233,14 @@ def bottom_svd(W: torch.Tensor, r: int, *, tol: float | None = None, need: str =
         raise ValueError("loram_fast.bottom_svd: the input holds NaN or Inf values")
     q = min(max(2 * r, r + 16), k)
     if k <= 4 * q:  # small: the full SVD at once (as top_svd)
-        U_all, S_all, Vh_all = torch.linalg.svd(Wf, full_matrices=False)
-        return BottomSVD(U_all[:, -r:] if need != "Vh" else None, S_all[-r:],
-                         Vh_all[-r:] if need != "U" else None, 0, True)
+        return _bottom_of_full_svd(Wf, r, need, 0)
     # the taller orientation (a square W: the one whose needed side comes without Q)
     transposed = m < n or (m == n and need == "U")
     # tall or near-square W: LAPACK's SVD of W costs no more than R's (it factors a tall W by QR first) and needs no
     # Q; only for a wide W is the SVD of R (k×k) the cheaper full SVD
     svd_of_w = not transposed or 5 * k >= 4 * max(m, n)
     if not attempt and svd_of_w:
-        U_all, S_all, Vh_all = torch.linalg.svd(Wf, full_matrices=False)
-        return BottomSVD(U_all[:, -r:] if need != "Vh" else None, S_all[-r:],
-                         Vh_all[-r:] if need != "U" else None, 0, True)
+        return _bottom_of_full_svd(Wf, r, need, 0)
     tall = Wf.mT if transposed else Wf  # = Q R
     # tall = W: U_W = Q U_R, V_W = V_R;  tall = Wᵀ: U_W = V_R, V_W = Q U_R
     need_q = need in ("both", "Vh") if transposed else need in ("both", "U")
@@ -266,9 +262,7 @@ def bottom_svd(W: torch.Tensor, r: int, *, tol: float | None = None, need: str =
     if converged:
         pass
     elif svd_of_w:
-        U_all, S_all, Vh_all = torch.linalg.svd(Wf, full_matrices=False)
-        return BottomSVD(U_all[:, -r:] if need != "Vh" else None, S_all[-r:],
-                         Vh_all[-r:] if need != "U" else None, passes, True)
+        return _bottom_of_full_svd(Wf, r, need, passes)
     else:
         U_R_all, S_all, Vh_R_all = torch.linalg.svd(R, full_matrices=False)
         U_R, S, V_R = U_R_all[:, -r:], S_all[-r:], Vh_R_all[-r:].mT
@@ -280,6 +274,13 @@ def bottom_svd(W: torch.Tensor, r: int, *, tol: float | None = None, need: str =
         U = QU if need != "Vh" else None
         Vh = V_R.mT.contiguous() if need != "U" else None
     return BottomSVD(U, S.contiguous(), Vh, passes, not converged)
+
+
+def _bottom_of_full_svd(Wf: torch.Tensor, r: int, need: str, passes: int) -> BottomSVD:
+    """The last r triplets of ``torch.linalg.svd(Wf)`` (the sides ``need`` asks for), as a fallback result."""
+    U_all, S_all, Vh_all = torch.linalg.svd(Wf, full_matrices=False)
+    return BottomSVD(U_all[:, -r:] if need != "Vh" else None, S_all[-r:], Vh_all[-r:] if need != "U" else None,
+                     passes, True)
 
 
 def _largest_singular_value(R: torch.Tensor, generator, steps: int = 6) -> float:
