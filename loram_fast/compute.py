@@ -75,6 +75,7 @@ def compute_sharded(method: Method, t: LoraTarget, options: dict, backend, bases
         init = method.init_sharded(op, t.r, t.scaling, backend=backend, bases=bases, **options)
     else:
         init = method.init(op.whole(), t.r, t.scaling, backend=backend, bases=bases, **options)
+    init = init.formed(backend)  # every rank writes its own piece of whole A and B
     _check_agreement(init, t)
     return init
 

@@ -166,8 +166,9 @@ def get_method(name) -> Method:
 
 def _loram_method(name: str, kind: str, description: str) -> Method:
     def init(W, r, scaling, *, backend=None, bases=None, allow_zero_adapter=False):
+        # A and B not formed yet: the writer forms them in the adapter parameters' own memory (LayerInit.formed)
         return _loram.loram_factors(W, r, scaling, kind=kind, allow_zero_adapter=allow_zero_adapter, bases=bases,
-                                    backend=backend, round_to=W.dtype)
+                                    backend=backend, round_to=W.dtype, deferred=True)
 
     def init_sharded(op, r, scaling, *, backend=None, bases=None, allow_zero_adapter=False):
         return _loram.loram_factors_sharded(op, r, scaling, kind=kind, allow_zero_adapter=allow_zero_adapter,

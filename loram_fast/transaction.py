@@ -39,7 +39,7 @@ from .ops.norms import lowrank_row_norms
 from .ops import memory
 from .ops.residual import (BasisResidual, LowRankResidual, Residual, apply_residual, apply_residuals,
                            write_cannot_fail)
-from .ops.rounding import scale_rounded
+from .ops.rounding import ScaledRounded, scale_rounded
 from .ops.sharded import Sharding, all_reduce, any_rank, is_dtensor, local_part, local_tensor
 from .targets import LoraTarget
 
@@ -119,6 +119,8 @@ class Transaction:
         self._saved_weights: set[int] = set()
         # residual writes held back until :meth:`flush` (writes that cannot fail once started: no copy needed)
         self._pending: list[tuple[LoraTarget, Residual]] = []
+        # adapters formed in their parameter's own memory by :meth:`flush`, after the residuals (no copy, no undo)
+        self._pending_adapters: list[tuple[LoraTarget, str, torch.nn.Parameter, ScaledRounded]] = []
         self._held_sigint = None  # a Ctrl-C that arrived during the flush: delivered once the transaction commits
 
     # -- the log -------------------------------------------------------------------------------------------------
@@ -132,6 +134,7 @@ class Transaction:
                 self._undo.pop()()
         self._saved_weights.clear()
         self._pending.clear()
+        self._pending_adapters.clear()
 
     def __enter__(self):
         self._inference = torch.inference_mode(False)  # new modules must be ordinary (trainable) tensors
@@ -153,9 +156,9 @@ class Transaction:
                                  "rounding)")
                 self.rollback()
             else:
-                if self._pending:
-                    raise RuntimeError("loram_fast: internal error: residual writes were held back and never "
-                                       "flushed; the model is restored")
+                if self._pending or self._pending_adapters:
+                    raise RuntimeError("loram_fast: internal error: writes were held back and never flushed; the "
+                                       "model is restored")
                 self._undo.clear()
                 self._saved_weights.clear()
         except BaseException:
@@ -228,6 +231,8 @@ class Transaction:
     def write(self, target: LoraTarget, init: LayerInit) -> None:
         """Write one layer (see module docstring); :meth:`fold_back` ran before its init was computed."""
         layer = target.layer
+        if self.rounded_residual:
+            init = init.formed(self.backend)
         residual = self._residual(target, init)
         with torch.no_grad():
             if init.rank is not None:
@@ -236,6 +241,8 @@ class Transaction:
                     self._remove_layer(target)
                     return
             defer = residual is not None and self._can_defer(target, init, residual)
+            if not defer:
+                init = init.formed(self.backend)  # adapters formed in their parameters only with the residual held
             if residual is not None and not defer:
                 self._save_weight(target)
                 self._write_held_back(target.weight)  # earlier held-back writes to this weight keep their order
@@ -244,6 +251,12 @@ class Transaction:
                 self._resize(layer, init.rank, init.lora_alpha)
             self._set_middle(layer, init.middle is not None)
             for name, value in init.adapters().items():
+                if isinstance(value, ScaledRounded):
+                    param = getattr(layer, name)[self.adapter].weight
+                    if _owns_storage(param.data) and value.forms_in_place(param.data, self.backend):
+                        self._pending_adapters.append((target, name, param, value))
+                        continue
+                    value = value.tensor(self.backend)
                 self._set_adapter(target, name, value, owned=init.owned, as_is=init.as_is)
             self._set_frozen(layer, init.frozen, trainable)
             if defer:
@@ -277,14 +290,24 @@ class Transaction:
             self._apply(t, res, -1.0)
 
     def flush(self) -> None:
-        """Write the held-back residuals: the last step of the transaction, after every other change. Each write runs
-        on a kernel that checks everything before its first store and cannot stop after it, so no weight copy is kept
-        for them. Ctrl-C (main thread) is held during these writes and answered once the transaction has
-        committed: the model is then complete, as if the interrupt came just after the call returned. Should a
-        write raise all the same, the weights written before it get their residual added back (up to one rounding
-        of their dtype; the error log says so)."""
+        """Write the held-back residuals, then form the held-back adapters in their parameters' own memory: the last
+        steps of the transaction, after every other change. Each write runs on a kernel that checks everything before
+        its first store and cannot stop after it, so no weight copy is kept for them, and the adapters, written
+        after every step that can fail, keep no copy of the old ones at all (peft's initial A and B). Ctrl-C (main
+        thread) is held during these writes and answered once the transaction has committed: the model is then
+        complete, as if the interrupt came just after the call returned. Should a residual write raise all the
+        same, the weights written before it get their residual added back (up to one rounding of their dtype; the
+        error log says so) and no adapter has been touched."""
         pending, self._pending = self._pending, []
-        if not pending:
+        adapters, self._pending_adapters = self._pending_adapters, []
+        in_place = []
+        for target, name, param, value in adapters:  # checked again: what no longer passes is stored the ordinary
+            # way, undoably (its parameter changed since: a later write of it wins, as in order)
+            if _owns_storage(param.data) and value.forms_in_place(param.data, self.backend):
+                in_place.append((param.data, value))
+            else:
+                self._set_adapter(target, name, value.tensor(self.backend), owned=True, as_is=True)
+        if not pending and not in_place:
             return
         done: list[tuple[torch.Tensor, Residual]] = []  # (weight view, residual) of the completed writes
 
@@ -297,8 +320,11 @@ class Transaction:
 
         self._will(undo)
         with _sigint_held(deliver_at_exit=False) as held:
-            apply_residuals([(target.weight_view(), residual) for target, residual in pending], -1.0,
-                            backend=self.backend, done=done)
+            if pending:
+                apply_residuals([(target.weight_view(), residual) for target, residual in pending], -1.0,
+                                backend=self.backend, done=done)
+            for data, value in in_place:
+                value.form_into(data, self.backend)
         if held:
             self._held_sigint = held[0]
 
@@ -453,12 +479,8 @@ class Transaction:
             if new.data_ptr() == value.data_ptr() and not owned:
                 new = new.clone()
         data = param.data
-        owns_storage = (type(data) is torch.Tensor and data._base is None and data.is_contiguous()
-                        and data.untyped_storage().nbytes() == data.numel() * data.element_size())
-        if owns_storage:
-            # the parameter's own storage is swapped, not overwritten: the old one is the exact undo, no copy made
-            self._will(lambda: setattr(param, "data", data))
-            param.data = new.contiguous()
+        if _owns_storage(data):
+            self._swap(param, new.contiguous())
         else:
             # a view into a larger buffer (a flat parameter, a shared storage) or a DTensor (FSDP2, distribute_tensor:
             # this rank's piece of ``new``) is written in place
@@ -466,6 +488,14 @@ class Transaction:
             old = local.clone()
             self._will(lambda: local.copy_(old))
             local.copy_(local_part(new, param))
+
+    def _swap(self, param: torch.nn.Parameter, new: torch.Tensor) -> None:
+        """``param`` holds ``new`` (its own storage swapped, not overwritten: the old one is the exact undo, no copy
+        made); a held-back in-place write of the same parameter, now superseded, is dropped."""
+        data = param.data
+        self._will(lambda: setattr(param, "data", data))
+        self._pending_adapters = [w for w in self._pending_adapters if w[2] is not param]
+        param.data = new
 
     def _set_middle(self, layer, wanted: bool) -> None:
         """Create (or remove) ``lora_N[adapter]`` and the middle-matrix variant, with undo."""
@@ -542,6 +572,12 @@ class Transaction:
             records.pop(self.adapter, None)
         else:
             records[self.adapter] = residual
+
+
+def _owns_storage(data: torch.Tensor) -> bool:
+    """A plain contiguous tensor that is its whole storage (not a view into a larger buffer, not a DTensor)."""
+    return (type(data) is torch.Tensor and data._base is None and data.is_contiguous()
+            and data.untyped_storage().nbytes() == data.numel() * data.element_size())
 
 
 def localise(residual: Residual, sharding: Sharding, shape: tuple[int, int], device=None) -> LowRankResidual:

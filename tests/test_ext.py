@@ -371,6 +371,25 @@ def test_scale_rounded_is_torchs_rounding(dtype, backend):
             assert _bits_or_nan_equal(reference, expect), (shape, alpha)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scale_rounded_streamed_into_misaligned_memory(dtype, backend):
+    """Outputs of >= 1 MiB written elsewhere than their source go through the CPU kernel's non-temporal path (an L1
+    block, 64-byte stores): the same bits, with the output starting off a 64-byte boundary (its head and tail take
+    the plain path) and special values at the block edges; the bytes around the output stay untouched."""
+    name, device = backend
+    n = (1 << 18) + 1000 + 5  # > 1 MiB of fp32: several blocks per thread, an odd tail
+    x = torch.randn(n)
+    for i in (0, 1, 13, 1023, 1024, 1025, 4096 + 16, n - 1):
+        x[i] = (float("inf"), 1e-40, -0.0, 1.0 + 2.0 ** -8)[i % 4]
+    for offset in (0, 3, 16):
+        buf = torch.full((n + offset + 7,), 7.0, device=device)
+        out = buf[offset:offset + n]
+        ops.scale_rounded_(out, x.to(device), 0.37, {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[dtype])
+        expect = (x * 0.37).to(dtype).float()
+        assert _bits_or_nan_equal(out.cpu(), expect), offset
+        assert bool((buf[:offset] == 7.0).all()) and bool((buf[offset + n:] == 7.0).all())
+
+
 def test_scale_rounded_refuses_bad_arguments(backend):
     from loram_fast.ops.rounding import scale_rounded
 

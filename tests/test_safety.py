@@ -273,6 +273,63 @@ def test_ctrl_c_during_held_back_writes_completes_the_init_then_interrupts(llama
     assert_same(model, full_state(clean))
 
 
+def test_ctrl_c_while_adapters_are_formed_completes_the_init_then_interrupts(llama_base, monkeypatch):
+    """LoRAM's adapters are formed in their parameters' memory after the residual writes, with no copy of peft's
+    initial ones: a real SIGINT then is answered once the call has committed, with the complete init, bit for bit."""
+    import os
+    import signal
+
+    from loram_fast.ops.rounding import ScaledRounded
+
+    model = _peft(copy.deepcopy(llama_base).to(torch.bfloat16))
+    clean = _peft(copy.deepcopy(llama_base).to(torch.bfloat16))
+    loram_fast.init_model(clean, "loram", progress=False)
+    original = ScaledRounded.form_into
+    calls = {"n": 0}
+
+    def interrupted(self, out, backend=None):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives while the adapters are being formed
+        return original(self, out, backend)
+
+    monkeypatch.setattr(ScaledRounded, "form_into", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        loram_fast.init_model(model, "loram", progress=False)
+    assert calls["n"] == 12
+    assert_same(model, full_state(clean))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loram_adapters_formed_in_their_parameters(llama_base, dtype):
+    """A LoRAM init on the compiled kernels writes A and B into the adapter parameters' own memory (no fresh
+    tensors), the same bits as adapters formed apart and swapped in (the torch backend), rounded through the base
+    weight's dtype as the reference stores them; the weights get the same residuals either way (to rounding)."""
+    from loram_fast.methods.loram import loram_reference
+
+    model = _peft(copy.deepcopy(llama_base).to(dtype))
+    apart = _peft(copy.deepcopy(llama_base).to(dtype))
+
+    def adapters(m):
+        return {n: p for n, p in m.named_parameters() if "lora_" in n}
+
+    mine, theirs = adapters(model), adapters(apart)
+    ptrs = {n: p.data_ptr() for n, p in mine.items()}
+    loram_fast.init_model(model, "loram", progress=False)
+    loram_fast.init_model(apart, "loram", backend="torch", progress=False)
+    assert ptrs == {n: p.data_ptr() for n, p in mine.items()}, "formed in place"
+    assert all(theirs[n].data_ptr() != ptrs[n] for n in theirs), "the torch backend swaps in new tensors"
+    for n, p in mine.items():
+        assert torch.equal(_bits(p.detach()), _bits(theirs[n].detach())), n
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    W0 = llama_base.model.layers[0].self_attn.q_proj.weight.to(dtype)
+    A, B, _ = loram_reference(W0, layer.r["default"], layer.scaling["default"])
+    tol = 1e-5 if dtype == torch.float32 else 2.0 ** -8  # the reference's fp32 angles; one bf16 rounding
+    got_A, got_B = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+    assert relative_error(got_A, A) <= tol and relative_error(got_B, B) <= tol
+    assert torch.equal(got_A, got_A.to(dtype).float()) and torch.equal(got_B, got_B.to(dtype).float())
+
+
 def test_interrupt_inside_a_weight_write(llama_base, monkeypatch):
     """A write on a kernel that can stop part way (the torch product, chunk by chunk) gets a weight copy first."""
     model = _peft(copy.deepcopy(llama_base).to(torch.bfloat16))

@@ -639,6 +639,30 @@ LORAM_FAST_CLONES void scale_rounded_bf16(float* __restrict out, const float* __
   }
 }
 
+void scale_rounded_span(float* out, const float* src, int64_t n, float a, int c) {
+  if (c == kmath::kBF16) return scale_rounded_bf16(out, src, n, a);
+  for (int64_t j = 0; j < n; ++j) out[j] = kmath::round_to_code(a * src[j], c);
+}
+
+// Outputs of at least this many bytes, not written in place, are formed in an L1 block and written with
+// non-temporal stores: no read of the destination's old lines before they are overwritten (fp32 adapters of a whole
+// model at r = 256 are ~0.8 GB that nothing reads back soon). LORAM_FAST_NO_STREAM=1 (read once) keeps plain stores.
+constexpr int64_t kStreamMinBytes = int64_t(1) << 20;
+
+#if defined(__x86_64__)
+// n floats (a multiple of 16) from a 64-byte aligned block in L1 to 64-byte aligned out, non-temporal: whole 64-byte
+// lines per store with AVX-512 (measured ~10 % faster than 16-byte stores here, ~1.1× plain stores), else SSE.
+__attribute__((target("avx512f"))) void stream_block_512(float* out, const float* block, int64_t n) {
+  for (int64_t k = 0; k < n; k += 16) _mm512_stream_ps(out + k, _mm512_load_ps(block + k));
+}
+
+void stream_block(float* out, const float* block, int64_t n) {
+  static const bool wide = __builtin_cpu_supports("avx512f");
+  if (wide) return stream_block_512(out, block, n);
+  for (int64_t k = 0; k < n; k += 4) _mm_stream_ps(out + k, _mm_load_ps(block + k));
+}
+#endif
+
 void scale_rounded_(at::Tensor out, const at::Tensor& src, double alpha, int64_t code) {
   check_scale_rounded(out, src, code);
   TORCH_CHECK(out.device().is_cpu(), "loram_fast.scale_rounded_: expected CPU tensors");
@@ -646,9 +670,28 @@ void scale_rounded_(at::Tensor out, const at::Tensor& src, double alpha, int64_t
   const float* ps = src.data_ptr<float>();
   const float a = static_cast<float>(alpha);
   const int c = static_cast<int>(code);
+#if defined(__x86_64__)
+  static const bool stream_ok = std::getenv("LORAM_FAST_NO_STREAM") == nullptr;
+  if (stream_ok && po != ps && out.numel() * 4 >= kStreamMinBytes) {
+    at::parallel_for(0, out.numel(), 1 << 16, [&](int64_t b, int64_t e) {
+      constexpr int64_t kBlock = 1024;  // 4 KiB
+      alignas(64) float block[kBlock];
+      int64_t j = b;
+      const int64_t head = std::min<int64_t>(e - b, ((64 - reinterpret_cast<uintptr_t>(po + b) % 64) % 64) / 4);
+      scale_rounded_span(po + j, ps + j, head, a, c);  // up to the first 64-byte boundary (floats are 4-aligned)
+      j += head;
+      for (; j + kBlock <= e; j += kBlock) {
+        scale_rounded_span(block, ps + j, kBlock, a, c);
+        stream_block(po + j, block, kBlock);
+      }
+      scale_rounded_span(po + j, ps + j, e - j, a, c);
+      _mm_sfence();
+    });
+    return;
+  }
+#endif
   at::parallel_for(0, out.numel(), 1 << 16, [&](int64_t b, int64_t e) {
-    if (c == kmath::kBF16) return scale_rounded_bf16(po + b, ps + b, e - b, a);
-    for (int64_t j = b; j < e; ++j) po[j] = kmath::round_to_code(a * ps[j], c);
+    scale_rounded_span(po + b, ps + b, e - b, a, c);
   });
 }
 

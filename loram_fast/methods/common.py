@@ -5,12 +5,13 @@ adapters and applies the residual it describes; nothing else writes into a model
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, replace
+from typing import Optional, Union
 
 import torch
 
 from ..ops.residual import BasisResidual, LowRankResidual, Residual
+from ..ops.rounding import ScaledRounded
 
 __all__ = ["LayerInit", "product_residual", "BasisResidual", "LowRankResidual", "Residual"]
 
@@ -25,10 +26,11 @@ class LayerInit:
     ``new_weight``: a replacement of W (out×in), e.g. LoftQ's dequantised weight; the original is not recoverable
     from the model afterwards (exclusive with ``residual``). ``rank`` / ``lora_alpha``: the adapter is re-created at
     that rank and alpha (peft's ``update_layer``) before A, B are stored; rank 0 replaces the LoRA layer by its base
-    layer."""
+    layer. A and B may also be given as :class:`~loram_fast.ops.rounding.ScaledRounded` (LoRAM): products the
+    writer forms straight into the adapter parameters' memory; :meth:`formed` gives them as tensors."""
 
-    A: torch.Tensor
-    B: torch.Tensor
+    A: Union[torch.Tensor, ScaledRounded]
+    B: Union[torch.Tensor, ScaledRounded]
     scaling: float
     middle: Optional[torch.Tensor] = None
     residual: Optional[Residual] = None
@@ -40,6 +42,14 @@ class LayerInit:
     # A, B are stored as they are, not first rounded through the base weight's dtype: EVA copies its fp32 components
     # unrounded, LoRAM rounds its own in the pass that forms them
     as_is: bool = False
+
+    def formed(self, backend=None) -> "LayerInit":
+        """This init with A and B as tensors (a :class:`ScaledRounded` formed into fresh memory, which the init
+        then owns)."""
+        if not isinstance(self.A, ScaledRounded) and not isinstance(self.B, ScaledRounded):
+            return self
+        A, B = (m.tensor(backend) if isinstance(m, ScaledRounded) else m for m in (self.A, self.B))
+        return replace(self, A=A, B=B)
 
     def adapters(self) -> dict:
         """``{peft module name: matrix}`` to store."""

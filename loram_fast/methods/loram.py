@@ -23,7 +23,7 @@ import torch
 from ..ops import memory
 from ..ops.bases import basis_column_sums, dst_basis
 from ..ops.moments import weight_moments
-from ..ops.rounding import scale_rounded
+from ..ops.rounding import ScaledRounded, scale_rounded
 from .common import BasisResidual, LayerInit
 
 
@@ -64,11 +64,13 @@ def loram_init(W: torch.Tensor, r: int, scaling: float, *, kind: str = "dst1", a
 
 
 def loram_factors(W: torch.Tensor, r: int, scaling: float, *, kind: str = "dst1", allow_zero_adapter: bool = False,
-                  bases: dict | None = None, backend=None, round_to: torch.dtype | None = None) -> LayerInit:
+                  bases: dict | None = None, backend=None, round_to: torch.dtype | None = None,
+                  deferred: bool = False) -> LayerInit:
     """:func:`loram_init` for a shape and rank already checked with :func:`check_loram` (what ``init_model``
-    does for every layer before computing any). ``round_to``: see :func:`loram_from_moments`."""
+    does for every layer before computing any). ``round_to``, ``deferred``: see :func:`loram_from_moments`."""
     return loram_from_moments(weight_moments(W, backend=backend), tuple(W.shape), W.device, r, scaling, kind=kind,
-                              allow_zero_adapter=allow_zero_adapter, bases=bases, backend=backend, round_to=round_to)
+                              allow_zero_adapter=allow_zero_adapter, bases=bases, backend=backend, round_to=round_to,
+                              deferred=deferred)
 
 
 def loram_factors_sharded(op, r: int, scaling: float, *, kind: str = "dst1", allow_zero_adapter: bool = False,
@@ -82,10 +84,12 @@ def loram_factors_sharded(op, r: int, scaling: float, *, kind: str = "dst1", all
 
 def loram_from_moments(mom, shape: tuple[int, int], device, r: int, scaling: float, *, kind: str = "dst1",
                        allow_zero_adapter: bool = False, bases: dict | None = None, backend=None,
-                       round_to: torch.dtype | None = None) -> LayerInit:
+                       round_to: torch.dtype | None = None, deferred: bool = False) -> LayerInit:
     """A, B and the residual from the moments ``mom`` (count, sum, sum of squares) of the out×in weight.
     ``round_to`` (the weight's dtype, bf16 or fp16): A and B come rounded through it, still fp32, in the pass that
-    forms them (``scale_rounded``), as the references store them; the writer then stores them as they are."""
+    forms them (``scale_rounded``), as the references store them; the writer then stores them as they are.
+    ``deferred``: A and B as :class:`ScaledRounded` (β·Uᵀ and β·V, not formed yet), for the writer to form in the
+    adapters' own memory."""
     m, n = shape
     if not (torch.isfinite(mom.sum) and torch.isfinite(mom.sumsq)):
         raise ValueError("loram_fast.loram: the weight holds NaN or Inf values")
@@ -112,14 +116,19 @@ def loram_from_moments(mom, shape: tuple[int, int], device, r: int, scaling: flo
     # one fresh tensor each, with huge pages where the system has them (fresh memory is not free: ops/memory.py)
     Ut = cached((n, r, kind, device, "T"), lambda: U.T.contiguous())  # Uᵀ contiguous: a strided read is slow
     rounded = round_to in (torch.bfloat16, torch.float16) and Ut.dtype == V.dtype == torch.float32
+    residual = BasisResidual(scaling * beta * beta, r, kind, bases=(V, U))
+    if deferred and Ut.dtype == V.dtype == torch.float32 and round_to in (None, torch.float32, torch.bfloat16,
+                                                                           torch.float16):
+        through = round_to if rounded else torch.float32
+        return LayerInit(A=ScaledRounded(Ut, beta, through), B=ScaledRounded(V, beta, through), scaling=scaling,
+                         residual=residual, owned=True, as_is=True)
     if rounded:
         A = scale_rounded(Ut, beta, round_to, backend=backend)
         B = scale_rounded(V, beta, round_to, backend=backend)
     else:
         A = torch.mul(Ut, beta, out=memory.empty((r, n), dtype=Ut.dtype, device=Ut.device))
         B = torch.mul(V, beta, out=memory.empty(tuple(V.shape), dtype=V.dtype, device=V.device))
-    return LayerInit(A=A, B=B, scaling=scaling, residual=BasisResidual(scaling * beta * beta, r, kind, bases=(V, U)),
-                     owned=True, as_is=rounded)
+    return LayerInit(A=A, B=B, scaling=scaling, residual=residual, owned=True, as_is=rounded)
 
 
 def reference_dst_matrix(p: int, q: int, device=None) -> torch.Tensor:

@@ -35,6 +35,9 @@ _GPU_ORDER = ("triton", "cuda", "torch")
 # On CPU the C++ kernels come first where they implement an op: one-pass moments, fused low-precision residual
 # updates and tabulated bases beat the torch references (bench/kernels.py); torch covers every other op.
 _CPU_ORDER = ("cpu-ext", "torch")
+# the compiled backends: their kernels check every argument and allocate everything before their first store, and
+# nothing after it can fail, so a write that starts also finishes (no copy is needed to undo a half-done one)
+WRITES_CANNOT_FAIL = ("cpu-ext", "cuda")
 
 # op name -> backend -> implementation
 _IMPLS: dict[str, dict[str, Callable]] = {}

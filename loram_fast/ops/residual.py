@@ -221,9 +221,6 @@ def _check_loram_residual(W: torch.Tensor, r: int, kind: str, bases=None) -> Non
                              f"do not match W {tuple(W.shape)} at r={r}")
 
 
-# compiled closed-form kernels: they check their arguments and allocate everything before the first store, and
-# nothing after it can fail (no allocation, no error path), so a write that starts also finishes
-_WRITE_CANNOT_FAIL = ("cpu-ext", "cuda")
 
 @dataclass
 class LowRankResidual:
@@ -271,7 +268,7 @@ def write_cannot_fail(W: torch.Tensor, residual: Residual, *, backend=None) -> b
     if not math.isfinite(residual.coef):
         return False
     name, _ = dispatch.resolve("loram_residual_", W.device, backend)
-    return name in _WRITE_CANNOT_FAIL
+    return name in dispatch.WRITES_CANNOT_FAIL
 
 
 def _span(W: torch.Tensor) -> tuple[int, int]:
@@ -306,7 +303,7 @@ def apply_residuals(writes: list[tuple[torch.Tensor, Residual]], sign: float = -
             W0, first = items[0]
             name = (dispatch.resolve("loram_residual_", W0.device, backend)[0]
                     if key[0] != "single" and len(items) > 1 else None)
-            if name in _WRITE_CANNOT_FAIL:
+            if name in dispatch.WRITES_CANNOT_FAIL:
                 for W, residual in items:
                     _check_loram_residual(W, residual.r, residual.kind, residual.bases)
                 _, impl = dispatch.resolve("loram_residual_batch_", W0.device, name)

@@ -6,6 +6,10 @@ fp16; the product rounded once to fp32, then to ``dtype``, nearest even), in fre
 weight's dtype, as the references store them). Backends: ``torch`` (this reference, in chunks: no whole-size
 temporary), ``cpu-ext`` / ``cuda`` (``scale_rounded_`` of csrc/: one pass, the rounding of
 ``kmath::round_to_code``). Triton has no kernel of its own: on GPUs the ``cuda`` kernel (or the reference) runs.
+
+:class:`ScaledRounded` is the same product not formed yet: LoRAM's adapters are returned that way, and the writer
+forms them straight into the adapter parameters' own memory (no fresh tensor: fresh pages cost more than the
+product, ``bench/floor.py`` at r = 256).
 """
 from __future__ import annotations
 
@@ -49,3 +53,46 @@ def scale_rounded(src: torch.Tensor, alpha: float, dtype: torch.dtype, *, out: t
 @dispatch.on_native_load
 def _fake() -> None:
     torch.library.register_fake("loram_fast::scale_rounded_")(lambda out, src, alpha, code: None)
+
+
+class ScaledRounded:
+    """``scale_rounded(src, alpha, dtype)`` described, not formed (shape and device of ``src``, fp32).
+    :meth:`tensor` forms it in fresh memory; :meth:`form_into` into a given tensor, where :meth:`forms_in_place`
+    says the write can be neither refused nor stopped once it starts (the compiled kernel, after its checks)."""
+
+    __slots__ = ("src", "alpha", "round_to")
+
+    def __init__(self, src: torch.Tensor, alpha: float, round_to: torch.dtype):
+        if src.dtype != torch.float32 or not src.is_contiguous() or round_to not in _CODES:
+            raise ValueError("loram_fast.ScaledRounded: expected a contiguous fp32 source and a rounding dtype of "
+                             f"fp32, bf16 or fp16, got {src.dtype} and {round_to}")
+        self.src, self.alpha, self.round_to = src, float(alpha), round_to
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.src.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.src.device
+
+    dtype = torch.float32
+
+    def tensor(self, backend=None) -> torch.Tensor:
+        return scale_rounded(self.src, self.alpha, self.round_to, backend=backend)
+
+    def forms_in_place(self, out: torch.Tensor, backend=None) -> bool:
+        """Whether :meth:`form_into` ``out`` passes every check of the compiled kernel (same shape, fp32,
+        contiguous, same device, no overlap with the source) and runs on it (``cpu-ext`` / ``cuda``)."""
+        if (type(out) is not torch.Tensor or out.dtype != torch.float32 or out.shape != self.src.shape
+                or not out.is_contiguous() or out.device != self.src.device or out.requires_grad):
+            return False
+        a, b = out.data_ptr(), self.src.data_ptr()
+        size = out.numel() * 4
+        if a < b + size and b < a + size:
+            return False
+        name, _ = dispatch.resolve("scale_rounded", out.device, backend)
+        return name in dispatch.WRITES_CANNOT_FAIL
+
+    def form_into(self, out: torch.Tensor, backend=None) -> None:
+        scale_rounded(self.src, self.alpha, self.round_to, out=out, backend=backend)
