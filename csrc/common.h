@@ -24,8 +24,15 @@ inline void check_float_weight(const at::Tensor& W, const char* op) {
               ": W must be float32, float16 or bfloat16, got ", t);
 }
 
+// The n×r basis is written row-major (a contiguous n×r tensor) or column-major (the transpose of a contiguous r×n
+// tensor: its rows are the basis vectors): true for the latter.
+inline bool basis_out_transposed(const at::Tensor& out) {
+  return out.dim() == 2 && out.size(0) > 1 && out.size(1) > 1 && out.stride(0) == 1 && out.stride(1) == out.size(0);
+}
+
 inline void check_basis_out(const at::Tensor& out) {
-  TORCH_CHECK(out.dim() == 2 && out.is_contiguous(), "loram_fast.basis_fill_: out must be a contiguous 2-D tensor");
+  TORCH_CHECK(out.dim() == 2 && (out.is_contiguous() || basis_out_transposed(out)),
+              "loram_fast.basis_fill_: out must be a contiguous 2-D tensor or the transpose of one");
   TORCH_CHECK(out.size(1) <= out.size(0) || out.size(0) == 0,
               "loram_fast.basis_fill_: r=", out.size(1), " > n=", out.size(0), " (only n orthonormal vectors exist)");
 }

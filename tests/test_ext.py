@@ -34,6 +34,11 @@ def test_basis(n, r, kind, dtype, backend):
     ref = dst_basis(n, r, kind=kind, dtype=torch.float64, backend="torch")
     assert torch.isfinite(out).all()
     assert ulp_close(out, ref) if dtype != torch.float64 else (out - ref).abs().max() < 1e-13
+    # written as rows (the transpose of an r×n tensor, the layout of LoRAM's A): the same bits, every entry written
+    rows = torch.full((r, n), float("nan"), dtype=dtype, device=device)
+    ops.basis_fill_(rows.T, ["dst1", "dct2"].index(kind))
+    assert torch.equal(rows.cpu().T, out)
+    assert torch.equal(dst_basis(n, r, kind=kind, dtype=dtype, device=device, transposed=True).cpu(), out.T)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -194,6 +199,8 @@ def test_same_argument_checks_on_every_path(backend):
         ops.loram_residual_(W.double(), 0.5, 3, 0)
     with pytest.raises(RuntimeError, match="r=5 > n=4"):
         ops.basis_fill_(torch.empty(4, 5, device=device), 0)
+    with pytest.raises(RuntimeError, match="contiguous 2-D tensor or the transpose"):
+        ops.basis_fill_(torch.empty(9, 8, device=device)[:, :4], 0)
     with pytest.raises(ValueError, match="need an integer 1 <= r"):
         loram_residual_(W, 0.5, 8)
     with pytest.raises(ValueError, match="unknown kind"):

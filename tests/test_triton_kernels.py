@@ -24,6 +24,7 @@ def test_basis(n, r, kind):
     got = dst_basis(n, r, kind=kind, device=DEVICE, backend="triton")
     assert torch.isfinite(got).all()  # the wrapper allocates with torch.empty: an unwritten tile would show
     assert (got.cpu() - dst_basis(n, r, kind=kind, backend="torch")).abs().max() < 2e-7
+    assert torch.equal(dst_basis(n, r, kind=kind, device=DEVICE, backend="triton", transposed=True).cpu(), got.cpu().T)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -24,24 +24,45 @@
 namespace loram_fast {
 namespace {
 
-// Basis entries out[i*r + k]. Each is phase_value(P) of an integer phase P reduced into [0, 2H): the 2H distinct
-// values are tabulated once and looked up, so only 2H sines are evaluated, not n·r (the CUDA kernel evaluates
-// basis_value(i, k) per entry: the same double arithmetic).
+// Basis entries (i, k) of the n×r basis, at out[i*r + k] (row-major) or, ``transposed``, out[k*n + i] (its rows are
+// the basis vectors). Each is phase_value(P) of an integer phase P reduced into [0, 2H): the 2H distinct values are
+// tabulated once and looked up, so only 2H sines are evaluated, not n·r (the CUDA kernel evaluates basis_value(i, k)
+// per entry: the same double arithmetic). P is linear in i and in k, so along the stored (contiguous) index it
+// steps by a constant modulo 2H: no division per entry.
 template <typename scalar_t>
-void fill_basis(scalar_t* out, int64_t n, int64_t r, int kind) {
+void fill_basis(scalar_t* out, int64_t n, int64_t r, int kind, bool transposed) {
   const int64_t period = 2 * kmath::basis_half(n, kind);
   std::vector<double> table(period);
   at::parallel_for(0, period, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) table[p] = kmath::phase_value(p, n, kind);
   });
   const double* tab = table.data();
-  at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      for (int64_t k = 0; k < r; ++k) {
-        double v = tab[kmath::basis_phase(i, k, kind) % period];
-        if (kind == 1 && k == 0) v *= kmath::kInvSqrt2;
-        out[i * r + k] = static_cast<scalar_t>(v);
+  // one stored row: ``count`` entries whose phases start at ``p`` and step by ``step`` (both reduced); DCT-II's
+  // first vector (column 0) carries 1/√2 (basis_value): entry 0 of a row-major row (``scaled == 1``), every entry
+  // of the first transposed row (``scaled == count``)
+  auto row = [&](scalar_t* dst, int64_t count, int64_t p, int64_t step, int64_t scaled) {
+    for (int64_t j = 0; j < count; ++j) {
+      double v = tab[p];
+      if (j < scaled) v *= kmath::kInvSqrt2;
+      dst[j] = static_cast<scalar_t>(v);
+      p += step;
+      if (p >= period) p -= period;
+    }
+  };
+  const bool dct = kind == 1;
+  if (!transposed) {
+    at::parallel_for(0, n, std::max<int64_t>(1, 16384 / std::max<int64_t>(r, 1)), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t p0 = kmath::basis_phase(i, 0, kind);
+        row(out + i * r, r, p0 % period, (kmath::basis_phase(i, 1, kind) - p0) % period, dct ? 1 : 0);
       }
+    });
+    return;
+  }
+  at::parallel_for(0, r, std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t p0 = kmath::basis_phase(0, k, kind);
+      row(out + k * n, n, p0 % period, (kmath::basis_phase(1, k, kind) - p0) % period, dct && k == 0 ? n : 0);
     }
   });
 }
@@ -50,7 +71,8 @@ void basis_fill_(at::Tensor out, int64_t kind) {
   check_kind(kind);
   check_basis_out(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "basis_fill_", [&] {
-    fill_basis<scalar_t>(out.data_ptr<scalar_t>(), out.size(0), out.size(1), static_cast<int>(kind));
+    fill_basis<scalar_t>(out.data_ptr<scalar_t>(), out.size(0), out.size(1), static_cast<int>(kind),
+                         basis_out_transposed(out));
   });
 }
 

@@ -23,11 +23,12 @@ inline unsigned blocks_for(int64_t count, int threads, int64_t cap = 1 << 30) {
 }
 
 template <typename scalar_t>
-__global__ void basis_kernel(scalar_t* __restrict__ out, int64_t n, int64_t r, int kind) {
+__global__ void basis_kernel(scalar_t* __restrict__ out, int64_t n, int64_t r, int kind, bool transposed) {
   const int64_t total = n * r;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    out[idx] = static_cast<scalar_t>(kmath::basis_value(idx / r, idx % r, n, kind));
+    const int64_t i = transposed ? idx % n : idx / r, k = transposed ? idx / n : idx % r;  // stored order
+    out[idx] = static_cast<scalar_t>(kmath::basis_value(i, k, n, kind));
   }
 }
 
@@ -39,7 +40,7 @@ void basis_fill_(at::Tensor out, int64_t kind) {
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "basis_fill_", [&] {
     basis_kernel<scalar_t><<<blocks_for(out.numel(), 256, 65536), 256, 0, stream>>>(
-        out.data_ptr<scalar_t>(), out.size(0), out.size(1), static_cast<int>(kind));
+        out.data_ptr<scalar_t>(), out.size(0), out.size(1), static_cast<int>(kind), basis_out_transposed(out));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

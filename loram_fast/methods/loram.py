@@ -109,12 +109,14 @@ def loram_from_moments(mom, shape: tuple[int, int], device, r: int, scaling: flo
     def basis(size: int) -> torch.Tensor:
         return cached((size, r, kind, device), lambda: dst_basis(size, r, kind=kind, device=device, backend=backend))
 
-    U, V = basis(n), basis(m)  # in×r, out×r
+    V = basis(m)  # out×r
+    # Uᵀ (r×in) written as rows, contiguous (a strided read of U is slow); U (in×r) is its transpose, a view
+    Ut = cached((n, r, kind, device, "T"), lambda: dst_basis(n, r, kind=kind, device=device, backend=backend,
+                                                             transposed=True))
+    U = Ut.T
     basis_sum = cached((m, n, r, kind, "sum"),  # sum of V Uᵀ
                        lambda: float((basis_column_sums(m, r, kind) * basis_column_sums(n, r, kind)).sum()))
     beta = loram_beta(var_w, basis_sum, m, n, r)
-    # one fresh tensor each, with huge pages where the system has them (fresh memory is not free: ops/memory.py)
-    Ut = cached((n, r, kind, device, "T"), lambda: U.T.contiguous())  # Uᵀ contiguous: a strided read is slow
     rounded = round_to in (torch.bfloat16, torch.float16) and Ut.dtype == V.dtype == torch.float32
     residual = BasisResidual(scaling * beta * beta, r, kind, bases=(V, U))
     if deferred and Ut.dtype == V.dtype == torch.float32 and round_to in (None, torch.float32, torch.bfloat16,
@@ -125,7 +127,7 @@ def loram_from_moments(mom, shape: tuple[int, int], device, r: int, scaling: flo
     if rounded:
         A = scale_rounded(Ut, beta, round_to, backend=backend)
         B = scale_rounded(V, beta, round_to, backend=backend)
-    else:
+    else:  # one fresh tensor each, with huge pages where the system has them (ops/memory.py)
         A = torch.mul(Ut, beta, out=memory.empty((r, n), dtype=Ut.dtype, device=Ut.device))
         B = torch.mul(V, beta, out=memory.empty(tuple(V.shape), dtype=V.dtype, device=V.device))
     return LayerInit(A=A, B=B, scaling=scaling, residual=residual, owned=True, as_is=rounded)

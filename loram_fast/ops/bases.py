@@ -55,10 +55,12 @@ def _basis_f64(n: int, r: int, kind: str, device=None) -> torch.Tensor:
     return out
 
 
-def dst_basis_reference(n: int, r: int, kind: str = "dst1", dtype=torch.float32, device=None) -> torch.Tensor:
+def dst_basis_reference(n: int, r: int, kind: str = "dst1", dtype=torch.float32, device=None,
+                        transposed: bool = False) -> torch.Tensor:
     """Plain-torch reference of :func:`dst_basis` (computed in fp64, exact angles)."""
     _check(n, r, kind)
-    return _basis_f64(n, r, kind, device).to(dtype)
+    out = _basis_f64(n, r, kind, device).to(dtype)
+    return out.T.contiguous() if transposed else out
 
 
 def basis_column_sums(n: int, r: int, kind: str = "dst1") -> torch.Tensor:
@@ -76,16 +78,26 @@ def basis_column_sums(n: int, r: int, kind: str = "dst1") -> torch.Tensor:
 
 
 dispatch.register("dst_basis", "torch")(dst_basis_reference)
-dispatch.register("dst_basis", "triton")(dispatch.lazy("loram_fast.triton_kernels.bases", "dst_basis"))
+_dst_basis_triton = dispatch.lazy("loram_fast.triton_kernels.bases", "dst_basis")
+
+
+@dispatch.register("dst_basis", "triton")
+def dst_basis_triton(n: int, r: int, kind: str = "dst1", dtype=torch.float32, device=None,
+                     transposed: bool = False) -> torch.Tensor:
+    out = _dst_basis_triton(n, r, kind, dtype, device)
+    return out.T.contiguous() if transposed else out
 
 
 @dispatch.register("dst_basis", "cpu-ext", "cuda")
-def dst_basis_native(n: int, r: int, kind: str = "dst1", dtype=torch.float32, device=None) -> torch.Tensor:
+def dst_basis_native(n: int, r: int, kind: str = "dst1", dtype=torch.float32, device=None,
+                     transposed: bool = False) -> torch.Tensor:
     """``basis_fill_`` of csrc/: the basis value of every entry from its exact integer phase
-    (``kmath::basis_value``; the CPU kernel tabulates the 2H distinct values first)."""
-    out = torch.empty(n, r, dtype=dtype, device=device)
+    (``kmath::basis_value``; the CPU kernel tabulates the 2H distinct values first), written in the layout asked
+    for (``transposed``: into the transpose of an r×n tensor)."""
+    rows = torch.empty(r, n, dtype=dtype, device=device) if transposed else None
+    out = rows.T if transposed else torch.empty(n, r, dtype=dtype, device=device)
     torch.ops.loram_fast.basis_fill_(out, KINDS.index(kind))
-    return out
+    return rows if transposed else out
 
 
 @dispatch.on_native_load
@@ -93,13 +105,15 @@ def _fake() -> None:
     torch.library.register_fake("loram_fast::basis_fill_")(lambda out, kind: None)
 
 
-def dst_basis(n: int, r: int, *, kind: str = "dst1", dtype=torch.float32, device=None, backend=None) -> torch.Tensor:
+def dst_basis(n: int, r: int, *, kind: str = "dst1", dtype=torch.float32, device=None, backend=None,
+              transposed: bool = False) -> torch.Tensor:
     """n×r matrix of orthonormal columns: the first r DST-I (``kind="dst1"``) or DCT-II (``"dct2"``) basis
-    vectors of length n. See the module docstring for the entries.
+    vectors of length n. See the module docstring for the entries. ``transposed``: the r×n transpose instead,
+    contiguous (the vectors as rows; the compiled kernels write it directly).
 
     >>> V = dst_basis(4096, 16)            # 4096×16, V.T @ V == I
     """
     _check(n, r, kind)
     device = torch.device(device) if device is not None else torch.device("cpu")
     _, impl = dispatch.resolve("dst_basis", device, backend)
-    return impl(n, r, kind, dtype, device)
+    return impl(n, r, kind, dtype, device, transposed=transposed)
