@@ -66,11 +66,11 @@ def _peft_config(model: nn.Module, adapter: str):
     return configs.get(adapter) if isinstance(configs, dict) else None
 
 
-def _check_bases(model, spec: Method, targets, adapter, options, allow_shared_base: bool) -> None:
+def _check_bases(model, spec: Method, targets, adapter, options, allow_shared_base: bool, storages=None) -> None:
     """Refuse base weights a residual must not be written into (see README, "Safety")."""
     if not spec.writes_residual(options) or allow_shared_base:
         return
-    users = other_weight_users(model, targets, adapter)
+    users = other_weight_users(model, targets, adapter, storages)
     if users:
         i, who = next(iter(users.items()))
         raise shared_base_error(spec.name, targets[i], who, affected=len(users))
@@ -212,7 +212,8 @@ def init_model(model: nn.Module, method: str = "loram", **kwargs) -> nn.Module:
     backend = call.get("backend")
 
     adapter = call.get("adapter_name") or default_adapter(model)
-    targets = find_lora_layers(model, adapter)
+    storages: dict = {}  # the model's parameters by storage, from the same walk (tied weights: _check_bases)
+    targets = find_lora_layers(model, adapter, storages)
     if not targets:
         raise ValueError(f"loram_fast.init_model: no peft LoRA layer holds adapter {adapter!r}")
     logger.info("loram_fast %s: %d LoRA layers of adapter %r", spec.name, len(targets), adapter)
@@ -220,7 +221,7 @@ def init_model(model: nn.Module, method: str = "loram", **kwargs) -> nn.Module:
     for t in targets:
         validate(spec, t, adapter, options, gather_full_weights=gather)
     config = _peft_config(model, adapter)
-    _check_bases(model, spec, targets, adapter, options, call.get("allow_shared_base", False))
+    _check_bases(model, spec, targets, adapter, options, call.get("allow_shared_base", False), storages)
     _check_previous_init(spec, targets, adapter, config)
     _load_backends()
 

@@ -115,11 +115,20 @@ def default_adapter(model: nn.Module) -> str:
     raise ValueError("loram_fast.init_model: the model holds no peft LoRA layers (wrap it with get_peft_model first)")
 
 
-def find_lora_layers(model: nn.Module, adapter: str) -> list[LoraTarget]:
-    """Every peft LoRA layer of ``model`` that has ``adapter``, in module order."""
+def find_lora_layers(model: nn.Module, adapter: str, storages: Optional[dict[int, list[str]]] = None
+                     ) -> list[LoraTarget]:
+    """Every peft LoRA layer of ``model`` that has ``adapter``, in module order. ``storages``: a dict that
+    receives :func:`parameters_by_storage` of the model, from the same walk over its modules."""
     LoraLayer = _lora_layer_cls()
     targets = []
-    for name, module in model.named_modules():
+    seen: set[int] = set()
+    # every path to every module (tied parameters under each of their names), a module's first path naming it
+    for name, module in model.named_modules(remove_duplicate=False):
+        if storages is not None:
+            _add_parameters(storages, module, name)
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
         if isinstance(module, LoraLayer) and adapter in module.r:
             targets.append(make_target(module, adapter, name))
     return targets
@@ -188,10 +197,17 @@ def writes_peft_residual(init_lora_weights) -> bool:
 def parameters_by_storage(model: nn.Module) -> dict[int, list[str]]:
     """Every parameter name of ``model`` (tied ones under each of their names), grouped by storage."""
     storages: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if p.device.type != "meta":
-            storages.setdefault(local_tensor(p).untyped_storage().data_ptr(), []).append(name)
+    for name, module in model.named_modules(remove_duplicate=False):
+        _add_parameters(storages, module, name)
     return storages
+
+
+def _add_parameters(storages: dict[int, list[str]], module: nn.Module, prefix: str) -> None:
+    """``module``'s own parameters (as ``named_parameters(remove_duplicate=False)`` names them) by storage."""
+    for key, p in module._parameters.items():
+        if p is not None and p.device.type != "meta":
+            storages.setdefault(local_tensor(p).untyped_storage().data_ptr(), []).append(
+                f"{prefix}.{key}" if prefix else key)
 
 
 def weight_users(target: LoraTarget, adapter: str, storages: dict[int, list[str]]) -> list[str]:
@@ -213,8 +229,10 @@ def shared_base_error(method: str, target: LoraTarget, users: list[str], affecte
                       + (f" ({affected} module(s) affected)" if affected > 1 else ""))
 
 
-def other_weight_users(model: nn.Module, targets: list[LoraTarget], adapter: str) -> dict[int, list[str]]:
-    """For each target index whose base weight something else also uses: who (see :func:`weight_users`)."""
-    storages = parameters_by_storage(model)
+def other_weight_users(model: nn.Module, targets: list[LoraTarget], adapter: str,
+                       storages: Optional[dict[int, list[str]]] = None) -> dict[int, list[str]]:
+    """For each target index whose base weight something else also uses: who (see :func:`weight_users`).
+    ``storages``: :func:`parameters_by_storage` of the model, when the caller has it."""
+    storages = parameters_by_storage(model) if storages is None else storages
     found = {i: weight_users(t, adapter, storages) for i, t in enumerate(targets)}
     return {i: users for i, users in found.items() if users}
