@@ -37,17 +37,26 @@ void fill_basis(scalar_t* out, int64_t n, int64_t r, int kind, bool transposed) 
     for (int64_t p = begin; p < end; ++p) table[p] = kmath::phase_value(p, n, kind);
   });
   const double* tab = table.data();
-  // one stored row: ``count`` entries whose phases start at ``p`` and step by ``step`` (both reduced); DCT-II's
-  // first vector (column 0) carries 1/√2 (basis_value): entry 0 of a row-major row (``scaled == 1``), every entry
-  // of the first transposed row (``scaled == count``)
+  // one stored row: ``count`` entries whose phases start at ``p`` and step by ``step`` (both reduced), walked as 8
+  // interleaved sequences (independent adds: the lookups overlap); DCT-II's first vector (column 0) carries 1/√2
+  // (basis_value): entry 0 of a row-major row (``scaled == 1``), every entry of the first transposed row
+  // (``scaled == count``), rewritten after the walk from their phases
   auto row = [&](scalar_t* dst, int64_t count, int64_t p, int64_t step, int64_t scaled) {
-    for (int64_t j = 0; j < count; ++j) {
-      double v = tab[p];
-      if (j < scaled) v *= kmath::kInvSqrt2;
-      dst[j] = static_cast<scalar_t>(v);
-      p += step;
-      if (p >= period) p -= period;
+    constexpr int kWays = 8;
+    int64_t ps[kWays];
+    for (int l = 0; l < kWays; ++l) ps[l] = (p + l * step) % period;
+    const int64_t stride = (kWays * step) % period;
+    int64_t j = 0;
+    for (; j + kWays <= count; j += kWays) {
+      for (int l = 0; l < kWays; ++l) {
+        dst[j + l] = static_cast<scalar_t>(tab[ps[l]]);
+        ps[l] += stride;
+        if (ps[l] >= period) ps[l] -= period;
+      }
     }
+    for (int l = 0; j < count; ++j, ++l) dst[j] = static_cast<scalar_t>(tab[ps[l]]);
+    for (int64_t s = 0; s < scaled; ++s)
+      dst[s] = static_cast<scalar_t>(tab[(p + (s % period) * step) % period] * kmath::kInvSqrt2);
   };
   const bool dct = kind == 1;
   if (!transposed) {
