@@ -125,19 +125,29 @@ def test_bottom_svd_iterates_where_the_bottom_has_gaps(m, n, need):
         assert float((W @ got.Vh.T - got.U * got.S).norm() / W.norm()) <= 1e-5
 
 
-@pytest.mark.parametrize("m,n", [(512, 512), (384, 640), (640, 384)])
-def test_bottom_svd_falls_back_on_a_flat_bottom(m, n):
-    """σ_k ∝ k^-0.5: the smallest values crowd together and iterating would not pay; the full SVD (of W, or of R for
-    a wide W) gives the same subspace as LAPACK's."""
+@pytest.mark.parametrize("m,n", [(512, 512), (384, 640), (640, 384), (800, 300), (300, 800)])
+@pytest.mark.parametrize("need", ["U", "Vh", "both"])
+@pytest.mark.parametrize("attempt", [True, False])
+def test_bottom_svd_falls_back_on_a_flat_bottom(m, n, need, attempt):
+    """σ_k ∝ k^-0.5: the smallest values crowd together and iterating would not pay; the full SVD (of W when near
+    square, of R with Q applied from its reflectors when W is ≥ 11/6 times as tall or wide) gives the same subspaces
+    as LAPACK's, the triplets together (``attempt=False``: the same without iterating)."""
     from loram_fast.ops.topsvd import bottom_svd
 
     W64 = _matrix(m, n, 0.5, seed=4)
     r = 6
-    U64, S64, _ = _bottom_truth(W64, r)
-    got = bottom_svd(W64.float(), r)
-    assert got.fallback and got.passes <= 2
-    lapack = torch.linalg.svd(W64.float(), full_matrices=False)
-    assert _subspace_gap(got.U.double(), U64) <= 2 * _subspace_gap(lapack.U[:, -r:].double(), U64) + 1e-6
+    U64, S64, Vh64 = _bottom_truth(W64, r)
+    W = W64.float()
+    got = bottom_svd(W, r, need=need, attempt=attempt)
+    assert got.fallback and got.passes <= (2 if attempt else 0)
+    lapack = torch.linalg.svd(W, full_matrices=False)
+    if need != "Vh":
+        assert _subspace_gap(got.U.double(), U64) <= 2 * _subspace_gap(lapack.U[:, -r:].double(), U64) + 1e-6
+        assert torch.allclose(got.U.T @ got.U, torch.eye(r), atol=1e-5)
+    if need != "U":
+        assert _subspace_gap(got.Vh.T.double(), Vh64.T) <= 2 * _subspace_gap(lapack.Vh[-r:].T.double(), Vh64.T) + 1e-6
+    if need == "both":
+        assert float((W @ got.Vh.T - got.U * got.S).norm() / W.norm()) <= 1e-5
     assert ((got.S.double() - S64).abs() / S64).max() <= 1e-4
 
 

@@ -216,11 +216,13 @@ def bottom_svd(W: torch.Tensor, r: int, *, tol: float | None = None, need: str =
 
     W (or Wᵀ, whichever is taller) = Q R with R k×k (k = min(m, n)); the smallest singular values of W are those of
     R, and the largest of ``R⁻¹``, whose top-r triplets come from :func:`subspace_iteration` with two triangular
-    solves per pass (shift-and-invert at shift 0) and the module's a-posteriori test on ``R⁻¹``. A flat bottom
-    spectrum, which iteration would not resolve within the cost of a full SVD, falls back after a pass or two to the
-    full SVD (of R for a wide W, where that is cheaper than W's own; of W otherwise): then up to ~10 % slower than
-    the SVD alone (the QR of R and the passes). ``need``: "U", "Vh" or "both" (Q is formed only where needed).
-    ``attempt=False``: no iteration, the fallback's full SVD at once (for weights like one that just fell back).
+    solves per pass (shift-and-invert at shift 0) and the module's a-posteriori test on ``R⁻¹``. Q stays in its
+    Householder form (``torch.geqrf``) and is applied to the r vectors that need it (``torch.ormqr``). A flat bottom
+    spectrum, which iteration would not resolve within the cost of a full SVD, falls back after a pass or two to a
+    full SVD: of R when W is far from square (≥ 11/6 : 1, where LAPACK itself would factor W by QR first: the QR done
+    is then not lost, and the fallback costs less than W's SVD), of W otherwise (then ~5–10 % slower than the SVD
+    alone: the QR and the passes). ``need``: "U", "Vh" or "both". ``attempt=False``: no iteration, the fallback's full
+    SVD at once (for weights like one that just fell back).
     """
     if need not in ("U", "Vh", "both"):
         raise ValueError(f"loram_fast.bottom_svd: need must be 'U', 'Vh' or 'both', got {need!r}")
@@ -236,15 +238,15 @@ def bottom_svd(W: torch.Tensor, r: int, *, tol: float | None = None, need: str =
         return _bottom_of_full_svd(Wf, r, need, 0)
     # the taller orientation (a square W: the one whose needed side comes without Q)
     transposed = m < n or (m == n and need == "U")
-    # tall or near-square W: LAPACK's SVD of W costs no more than R's (it factors a tall W by QR first) and needs no
-    # Q; only for a wide W is the SVD of R (k×k) the cheaper full SVD
-    svd_of_w = not transposed or 5 * k >= 4 * max(m, n)
+    # near-square W: the fallback is W's own SVD (R's costs as much, and the QR is lost); far from square: R's
+    svd_of_w = 6 * max(m, n) < 11 * k
     if not attempt and svd_of_w:
         return _bottom_of_full_svd(Wf, r, need, 0)
     tall = Wf.mT if transposed else Wf  # = Q R
     # tall = W: U_W = Q U_R, V_W = V_R;  tall = Wᵀ: U_W = V_R, V_W = Q U_R
     need_q = need in ("both", "Vh") if transposed else need in ("both", "U")
-    R = torch.linalg.qr(tall, mode="r")[1]  # Q (which costs as much again) only once it is known to be needed
+    reflectors, tau = torch.geqrf(tall)  # Q as Householder reflectors below R's diagonal: applied, never formed
+    R = reflectors[:k].triu()
     tol = default_tol(m, n) if tol is None else tol
     passes, converged = 0, False
     if attempt and bool((R.diagonal().abs() > 0).all()):
@@ -266,7 +268,10 @@ def bottom_svd(W: torch.Tensor, r: int, *, tol: float | None = None, need: str =
     else:
         U_R_all, S_all, Vh_R_all = torch.linalg.svd(R, full_matrices=False)
         U_R, S, V_R = U_R_all[:, -r:], S_all[-r:], Vh_R_all[-r:].mT
-    QU = torch.linalg.qr(tall)[0] @ U_R if need_q else None
+    QU = None
+    if need_q:  # Q U_R = Q [U_R; 0] (Q is tall.shape[0] square, implicitly)
+        padded = torch.cat([U_R, U_R.new_zeros(tall.shape[0] - k, r)]) if tall.shape[0] > k else U_R
+        QU = torch.ormqr(reflectors, tau, padded.contiguous())
     if transposed:
         U = V_R.contiguous() if need != "Vh" else None
         Vh = QU.mT.contiguous() if need != "U" else None
