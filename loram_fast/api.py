@@ -239,7 +239,8 @@ def init_model(model: nn.Module, method: str = "loram", **kwargs) -> nn.Module:
     record = format_init_string(spec.name, _recorded_options(spec, options, rounded_residual))
     transaction = Transaction(adapter, config=config, record=record, rounded_residual=rounded_residual, model=model,
                               snapshot_device=call.get("snapshot_device"), backend=backend,
-                              exact_rollback=call.get("exact_rollback", True))
+                              exact_rollback=call.get("exact_rollback", True),
+                              shared_storages={ptr for ptr, names in storages.items() if len(names) > 1})
     with fair_share():
         compute_and_write(spec, targets, options, transaction, progress=progress, per_layer=gradients,
                           gather_full_weights=gather)

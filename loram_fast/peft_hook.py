@@ -147,9 +147,12 @@ def init_layer(layer, adapter_name: str, method: str, **options) -> None:
             users = weight_users(target, adapter_name, _storages())
             if users:
                 raise shared_base_error(spec.name, target, users)
+        # the adapter parameters peft's update_layer just created are fresh: only a storage the model already held
+        # under two names can be shared
+        shared = {ptr for ptr, names in _storages().items() if len(names) > 1}
         with fair_share():
-            compute_and_write(spec, [target], options, Transaction(adapter_name, rounded_residual=rounded),
-                              progress=False)
+            compute_and_write(spec, [target], options, Transaction(adapter_name, rounded_residual=rounded,
+                                                                   shared_storages=shared), progress=False)
 
 
 def _gathered(layer):

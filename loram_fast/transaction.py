@@ -19,6 +19,13 @@ Held-back writes: a residual whose kernel cannot fail once it starts (LoRAM's cl
 afterwards, needs no copy: it is held back and written by :meth:`Transaction.flush`, the transaction's last step
 (weights of one shape together, :func:`~loram_fast.ops.residual.apply_residuals`). See :meth:`flush` for Ctrl-C.
 
+Adapters formed in place: LoRAM's A and B (:class:`~loram_fast.ops.rounding.ScaledRounded`, β times a basis) of a
+held-back write are formed by :meth:`Transaction.flush` straight into the adapter parameters' own memory, after the
+residual writes, with no copy of peft's initial adapters: nothing after them can fail (the compiled
+``scale_rounded_`` checks everything before its first store). A parameter whose storage the model also holds under
+another name, or that is a view, a DTensor or of another dtype, gets a new tensor swapped in instead, as for every
+other method.
+
 Residual records: ``layer._loram_fast_residuals[adapter]`` holds the residual an init subtracted (its factors, or
 LoRAM's basis coefficients), so a second init of the same adapter puts it back first (exact up to one rounding
 of the weight's dtype) instead of stacking two residuals.
@@ -98,16 +105,20 @@ class Transaction:
 
     ``config``: the adapter's peft config, whose ``init_lora_weights`` becomes ``record`` (None: left alone, as in
     the hook, where peft's config already says it). ``rounded_residual``: residuals from the adapters as stored
-    (rounded to W's dtype), LoRA-GA's convention, instead of the methods' fp32 factors.
+    (rounded to W's dtype), LoRA-GA's convention, instead of the methods' fp32 factors. ``shared_storages``: the
+    storages (``untyped_storage().data_ptr()``) the model holds under more than one parameter name; adapters are
+    formed in their parameters' own memory only outside them (None, not known: never).
     """
 
     def __init__(self, adapter: str, *, config=None, record: Optional[str] = None, rounded_residual: bool = False,
                  model=None,
-                 snapshot_device=None, backend=None, exact_rollback: bool = True):
+                 snapshot_device=None, backend=None, exact_rollback: bool = True,
+                 shared_storages: Optional[set] = None):
         self.adapter = adapter
         # (process group, device) of the ranks that share sharded weights with this one: they vote before leaving
         self.vote: list[tuple] = []
         self.exact_rollback = exact_rollback
+        self.shared_storages = shared_storages
         self.config = config
         self.record = record
         self.model = model  # the root the targets' names are relative to (needed to remove a LoRA layer)
@@ -253,7 +264,7 @@ class Transaction:
             for name, value in init.adapters().items():
                 if isinstance(value, ScaledRounded):
                     param = getattr(layer, name)[self.adapter].weight
-                    if _owns_storage(param.data) and value.forms_in_place(param.data, self.backend):
+                    if self._in_place(param, value):
                         self._pending_adapters.append((target, name, param, value))
                         continue
                     value = value.tensor(self.backend)
@@ -303,7 +314,7 @@ class Transaction:
         in_place = []
         for target, name, param, value in adapters:  # checked again: what no longer passes is stored the ordinary
             # way, undoably (its parameter changed since: a later write of it wins, as in order)
-            if _owns_storage(param.data) and value.forms_in_place(param.data, self.backend):
+            if self._in_place(param, value):
                 in_place.append((param.data, value))
             else:
                 self._set_adapter(target, name, value.tensor(self.backend), owned=True, as_is=True)
@@ -488,6 +499,15 @@ class Transaction:
             old = local.clone()
             self._will(lambda: local.copy_(old))
             local.copy_(local_part(new, param))
+
+    def _in_place(self, param: torch.nn.Parameter, value: ScaledRounded) -> bool:
+        """Whether ``value`` may be formed in ``param``'s own memory at the flush: a plain tensor that is its whole
+        storage, which no other parameter name of the model reaches (a tied adapter would change with it), passing
+        every check of the compiled kernel."""
+        data = param.data
+        return (self.shared_storages is not None and _owns_storage(data)
+                and data.untyped_storage().data_ptr() not in self.shared_storages
+                and value.forms_in_place(data, self.backend))
 
     def _swap(self, param: torch.nn.Parameter, new: torch.Tensor) -> None:
         """``param`` holds ``new`` (its own storage swapped, not overwritten: the old one is the exact undo, no copy

@@ -330,6 +330,23 @@ def test_loram_adapters_formed_in_their_parameters(llama_base, dtype):
     assert torch.equal(got_A, got_A.to(dtype).float()) and torch.equal(got_B, got_B.to(dtype).float())
 
 
+def test_adapters_sharing_a_storage_are_not_formed_in_place(llama_base):
+    """Two adapter parameters that share one storage (different Parameter objects): forming either in that memory
+    would change the other. Each gets its own LoRAM A, as when they do not share (they are swapped, not written)."""
+    model = _peft(copy.deepcopy(llama_base), ["q_proj"])
+    clean = _peft(copy.deepcopy(llama_base), ["q_proj"])
+    layers = model.base_model.model.model.layers
+    p0, p1 = (layers[i].self_attn.q_proj.lora_A["default"].weight for i in (0, 1))
+    p1.data = p0.data  # the same storage under two names
+    loram_fast.init_model(model, "loram", progress=False)
+    loram_fast.init_model(clean, "loram", progress=False)
+    for i in (0, 1):
+        got = layers[i].self_attn.q_proj.lora_A["default"].weight
+        want = clean.base_model.model.model.layers[i].self_attn.q_proj.lora_A["default"].weight
+        assert torch.equal(got, want), i
+    assert not torch.equal(p0, p1)
+
+
 def test_interrupt_inside_a_weight_write(llama_base, monkeypatch):
     """A write on a kernel that can stop part way (the torch product, chunk by chunk) gets a weight copy first."""
     model = _peft(copy.deepcopy(llama_base).to(torch.bfloat16))
