@@ -131,7 +131,8 @@ class Transaction:
         # residual writes held back until :meth:`flush` (writes that cannot fail once started: no copy needed)
         self._pending: list[tuple[LoraTarget, Residual]] = []
         # adapters formed in their parameter's own memory by :meth:`flush`, after the residuals (no copy, no undo)
-        self._pending_adapters: list[tuple[LoraTarget, str, torch.nn.Parameter, ScaledRounded]] = []
+        # (target, adapter module name, parameter, value, the parameter's data_ptr when checked)
+        self._pending_adapters: list[tuple[LoraTarget, str, torch.nn.Parameter, ScaledRounded, int]] = []
         self._held_sigint = None  # a Ctrl-C that arrived during the flush: delivered once the transaction commits
 
     # -- the log -------------------------------------------------------------------------------------------------
@@ -265,7 +266,7 @@ class Transaction:
                 if isinstance(value, ScaledRounded):
                     param = getattr(layer, name)[self.adapter].weight
                     if self._in_place(param, value):
-                        self._pending_adapters.append((target, name, param, value))
+                        self._pending_adapters.append((target, name, param, value, param.data.data_ptr()))
                         continue
                     value = value.tensor(self.backend)
                 self._set_adapter(target, name, value, owned=init.owned, as_is=init.as_is)
@@ -312,9 +313,9 @@ class Transaction:
         pending, self._pending = self._pending, []
         adapters, self._pending_adapters = self._pending_adapters, []
         in_place = []
-        for target, name, param, value in adapters:  # checked again: what no longer passes is stored the ordinary
-            # way, undoably (its parameter changed since: a later write of it wins, as in order)
-            if self._in_place(param, value):
+        for target, name, param, value, ptr in adapters:  # a parameter whose memory changed since (a later write of
+            # it, which wins, as in order) is checked again; what no longer passes is stored the ordinary way, undoably
+            if param.data.data_ptr() == ptr or self._in_place(param, value):
                 in_place.append((param.data, value))
             else:
                 self._set_adapter(target, name, value.tensor(self.backend), owned=True, as_is=True)
