@@ -559,6 +559,9 @@ class Transaction:
         names = [n for n in ("lora_A", "lora_B", "lora_N") if self.adapter in getattr(layer, n, {})]
         flags = {n: getattr(layer, n)[self.adapter].weight.requires_grad for n in names}
         registry = layer.__dict__.get("frozen_peft_weight_names", _MISSING)
+        if (not frozen and (registry is _MISSING or not registry or self.adapter not in registry)
+                and all(flag == trainable for flag in flags.values())):
+            return  # nothing would change
 
         def undo():
             if registry is _MISSING:

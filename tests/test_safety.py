@@ -226,7 +226,9 @@ def test_interrupt_at_every_step_of_a_first_init_restores_every_bit(llama_base, 
 
     copies = []
     monkeypatch.setattr(transaction.Transaction, "_save_weight", lambda self, target, always=False: copies.append(1))
-    assert _interrupt_every_step(monkeypatch, factory, "loram", {}, assert_same) >= 10
+    # the undo steps of 4 layers: each layer's residual record, the config, the flush (the adapters are formed in
+    # place after it; the frozen flags do not change)
+    assert _interrupt_every_step(monkeypatch, factory, "loram", {}, assert_same) >= 6
     assert not copies, "a first LoRAM init on the compiled kernel copies no weight"
 
 
