@@ -142,10 +142,17 @@ def test_init_model_on_compiled_backend(llama_base, tokens, backend):
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
     a = get_peft_model(copy.deepcopy(llama_base).to(device), cfg)
     b = get_peft_model(copy.deepcopy(llama_base), cfg)
+    ptrs = {n: p.data_ptr() for n, p in a.named_parameters() if "lora_" in n}
     loram_fast.init_model(a, backend=name, progress=False)
+    # the compiled backends form LoRAM's adapters in the parameters' own memory (Transaction.flush)
+    assert ptrs == {n: p.data_ptr() for n, p in a.named_parameters() if "lora_" in n}
     a = a.cpu()
     loram_fast.init_model(b, backend="torch", progress=False)
     assert relative_error(logits(a, tokens), logits(b, tokens)) <= 1e-6
+    theirs = dict(b.named_parameters())
+    for n, p in a.named_parameters():
+        if "lora_" in n:
+            assert relative_error(p.detach(), theirs[n].detach()) <= 1e-6, n
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
