@@ -117,10 +117,10 @@ def loram_from_moments(mom, shape: tuple[int, int], device, r: int, scaling: flo
     basis_sum = cached((m, n, r, kind, "sum"),  # sum of V Uᵀ
                        lambda: float((basis_column_sums(m, r, kind) * basis_column_sums(n, r, kind)).sum()))
     beta = loram_beta(var_w, basis_sum, m, n, r)
-    rounded = round_to in (torch.bfloat16, torch.float16) and Ut.dtype == V.dtype == torch.float32
+    # the bases are fp32: A and B are rounded through a bf16 / fp16 weight's dtype, formed as fp32 for any other
+    rounded = round_to in (torch.bfloat16, torch.float16)
     residual = BasisResidual(scaling * beta * beta, r, kind, bases=(V, U))
-    if deferred and Ut.dtype == V.dtype == torch.float32 and round_to in (None, torch.float32, torch.bfloat16,
-                                                                           torch.float16):
+    if deferred and round_to in (None, torch.float32, torch.bfloat16, torch.float16):
         through = round_to if rounded else torch.float32
         return LayerInit(A=ScaledRounded(Ut, beta, through), B=ScaledRounded(V, beta, through), scaling=scaling,
                          residual=residual, owned=True, as_is=True)

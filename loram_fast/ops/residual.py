@@ -221,7 +221,6 @@ def _check_loram_residual(W: torch.Tensor, r: int, kind: str, bases=None) -> Non
                              f"do not match W {tuple(W.shape)} at r={r}")
 
 
-
 @dataclass
 class LowRankResidual:
     """``W ← W − coef · left @ right`` (left out×k, right k×in, fp32)."""

@@ -56,7 +56,7 @@ def _fake() -> None:
 
 
 class ScaledRounded:
-    """``scale_rounded(src, alpha, dtype)`` described, not formed (shape and device of ``src``, fp32).
+    """``scale_rounded(src, alpha, dtype)`` described, not formed (fp32, of ``src``'s shape and device).
     :meth:`tensor` forms it in fresh memory; :meth:`form_into` into a given tensor, where :meth:`forms_in_place`
     says the write can be neither refused nor stopped once it starts (the compiled kernel, after its checks)."""
 
@@ -67,16 +67,6 @@ class ScaledRounded:
             raise ValueError("loram_fast.ScaledRounded: expected a contiguous fp32 source and a rounding dtype of "
                              f"fp32, bf16 or fp16, got {src.dtype} and {round_to}")
         self.src, self.alpha, self.round_to = src, float(alpha), round_to
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.src.shape
-
-    @property
-    def device(self) -> torch.device:
-        return self.src.device
-
-    dtype = torch.float32
 
     def tensor(self, backend=None) -> torch.Tensor:
         return scale_rounded(self.src, self.alpha, self.round_to, backend=backend)
