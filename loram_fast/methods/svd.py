@@ -47,17 +47,17 @@ def _check_finite(W: torch.Tensor, name: str) -> None:
 
 def minor_svd(W: torch.Tensor, r: int, *, need: str = "both", memo: dict | None = None):
     """:func:`~loram_fast.ops.topsvd.bottom_svd` of one weight; ``memo`` (the call's cache, shared by its layers)
-    remembers the shapes whose iteration fell back to the full SVD, and later weights of such a shape go to the
-    full SVD at once: a model of like weights pays the failed attempt (up to ~10 % of an SVD) once per shape, not
-    once per weight. The result is exact either way."""
+    remembers the shapes whose iteration gave up, and later weights of such a shape go to the fallback at once (no
+    QR, no attempt): a model of like weights pays the failed attempt (up to ~10 % of a full SVD) once per shape,
+    not once per weight. The result is exact either way."""
     key = ("bottom_svd fell back", tuple(W.shape), r, need)
     if memo is not None and memo.get(key):
         return bottom_svd(W, r, need=need, attempt=False)
     got = bottom_svd(W, r, need=need)
     if memo is not None and got.fallback and got.passes > 0:
         memo[key] = True
-        logger.debug("loram_fast: the minor-component iteration on a %s weight fell back to the full SVD; later "
-                     "weights of that shape in this call go to the full SVD at once", "×".join(map(str, W.shape)))
+        logger.debug("loram_fast: the minor-component iteration on a %s weight gave up; later weights of that shape "
+                     "in this call go to the fallback at once", "×".join(map(str, W.shape)))
     return got
 
 
