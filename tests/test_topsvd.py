@@ -183,6 +183,42 @@ def test_bottom_by_gram_in_blocks_and_where_it_declines(m, n, monkeypatch):
     assert _bottom_by_gram(W, r) is None
 
 
+def test_bottom_svd_at_fp32_noise_leaves_the_gram_route_to_the_full_svd(monkeypatch):
+    """Where the bottom values are at fp32 noise the Gram route declines and the result is LAPACK's full SVD of W
+    bit for bit (its vectors there are rounding: the reference's own choice). A weight with 40 zero columns: R has
+    zero pivots (no attempt; the pivot test declines), and without the attempt the Gram route finds σ_min = 0
+    after its eigh. The declines after a failed attempt, and ``minor_svd``'s memo sending the shape's later weights
+    to the full SVD at once, run on a crowded k^-0.5 bottom with the noise floor raised to 0.5·σ_1."""
+    from loram_fast.methods.svd import minor_svd
+    from loram_fast.ops import topsvd
+    from loram_fast.ops.topsvd import bottom_svd
+
+    r = 6
+    crowded = _matrix(300, 300, 0.5, seed=8).float()
+    zero_columns = crowded.clone()
+    zero_columns[:, 100:140] = 0
+
+    def is_lapacks(W, got):
+        lapack = torch.linalg.svd(W, full_matrices=False)
+        return (torch.equal(got.U, lapack.U[:, -r:]) and torch.equal(got.S, lapack.S[-r:])
+                and torch.equal(got.Vh, lapack.Vh[-r:]))
+
+    for kw in ({}, {"attempt": False}):
+        got = bottom_svd(zero_columns, r, **kw)
+        assert got.fallback and not got.gram and got.passes == 0 and is_lapacks(zero_columns, got), kw
+    assert bottom_svd(crowded, r).gram  # the crowded weight itself takes the Gram route
+    monkeypatch.setattr(topsvd, "GRAM_BOTTOM_FLOOR", 0.5)
+    for kw in ({}, {"attempt": False}):
+        got = bottom_svd(crowded, r, **kw)
+        assert got.fallback and not got.gram and is_lapacks(crowded, got), kw
+    memo = {}
+    first = minor_svd(crowded, r, memo=memo)
+    assert first.fallback and not first.gram and first.passes > 0 and list(memo.values()) == [False]
+    monkeypatch.setattr(topsvd, "GRAM_BOTTOM_FLOOR", 1e-7)  # the route would now run: the memo must skip it
+    later = minor_svd(crowded.flip(0), r, memo=memo)
+    assert later.passes == 0 and later.fallback and not later.gram and is_lapacks(crowded.flip(0), later)
+
+
 def test_bottom_svd_errors():
     from loram_fast.ops.topsvd import bottom_svd
 
@@ -197,6 +233,7 @@ def test_bottom_svd_errors():
     singular = torch.randn(300, 8) @ torch.randn(8, 300)  # rank 8: R has (near) zero pivots
     got = bottom_svd(singular, 4)
     assert torch.isfinite(got.U).all() and got.S.max() <= 1e-3 * torch.linalg.matrix_norm(singular, 2)
+    assert not got.gram  # bottom values at fp32 noise: the full SVD's vectors
 
 
 def test_mica_and_milora_iterative_match_the_full_svd():

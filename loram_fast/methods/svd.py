@@ -50,12 +50,12 @@ def minor_svd(W: torch.Tensor, r: int, *, need: str = "both", memo: dict | None 
     remembers the shapes whose iteration gave up, and later weights of such a shape go to the fallback at once (no
     QR, no attempt): a model of like weights pays the failed attempt (up to ~10 % of a full SVD) once per shape,
     not once per weight. The result is exact either way."""
-    key = ("bottom_svd fell back", tuple(W.shape), r, need)
-    if memo is not None and memo.get(key):
-        return bottom_svd(W, r, need=need, attempt=False)
+    key = ("bottom_svd gave up", tuple(W.shape), r, need)
+    if memo is not None and key in memo:  # the fallback that shape's first weight took: Gram route or full SVD
+        return bottom_svd(W, r, need=need, attempt=False, gram=memo[key])
     got = bottom_svd(W, r, need=need)
     if memo is not None and got.fallback and got.passes > 0:
-        memo[key] = True
+        memo[key] = got.gram
         logger.debug("loram_fast: the minor-component iteration on a %s weight gave up; later weights of that shape "
                      "in this call go to the fallback at once", "×".join(map(str, W.shape)))
     return got

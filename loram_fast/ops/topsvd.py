@@ -206,11 +206,12 @@ class BottomSVD(NamedTuple):
     S: torch.Tensor   # (r,) fp32, descending (as the last r of a full SVD)
     Vh: torch.Tensor  # (r, n) fp32, or None when not asked for
     passes: int
-    fallback: bool
+    fallback: bool    # True when the iteration did not give the result
+    gram: bool = False  # True when the fallback was the fp64 Gram route (False: the full SVD, or no fallback)
 
 
 def bottom_svd(W: torch.Tensor, r: int, *, tol: float | None = None, need: str = "both",
-               generator: torch.Generator | None = None, attempt: bool = True) -> BottomSVD:
+               generator: torch.Generator | None = None, attempt: bool = True, gram: bool = True) -> BottomSVD:
     """The r smallest singular triplets of W (m×n; the last r of ``torch.linalg.svd(W, full_matrices=False)``),
     without a full SVD of W.
 
@@ -223,7 +224,8 @@ def bottom_svd(W: torch.Tensor, r: int, *, tol: float | None = None, need: str =
     SVD and closer to the exact triplets); where that declines (the bottom values at fp32's noise, or a GPU) to a
     full SVD, of R when W is far from square (≥ 11/6 : 1, where LAPACK itself would factor W by QR first), of W
     otherwise. ``need``: "U", "Vh" or "both". ``attempt=False``: no QR and no iteration, the fallback at once on W
-    (for weights like one that just gave up).
+    (for weights like one that just gave up); ``gram=False``: the full SVD as the fallback (for weights like one
+    where the Gram route declined).
     """
     if need not in ("U", "Vh", "both"):
         raise ValueError(f"loram_fast.bottom_svd: need must be 'U', 'Vh' or 'both', got {need!r}")
@@ -242,18 +244,20 @@ def bottom_svd(W: torch.Tensor, r: int, *, tol: float | None = None, need: str =
     # near-square W: the fallback is W's own SVD (R's costs as much, and the QR is lost); far from square: R's
     svd_of_w = 6 * max(m, n) < 11 * k
     if not attempt:
-        got = _bottom_by_gram(Wf, r)
+        # no free test predicts a decline here (a weight at fp32 noise then pays the Gram route and the SVD: rare,
+        # and minor_svd sends later weights of a shape where the route declined to the SVD at once)
+        got = _bottom_by_gram(Wf, r) if gram else None
         if got is None:
             return _bottom_of_full_svd(Wf, r, need, 0)
         U, S, V = got
-        return BottomSVD(U if need != "Vh" else None, S, V.mT.contiguous() if need != "U" else None, 0, True)
+        return BottomSVD(U if need != "Vh" else None, S, V.mT.contiguous() if need != "U" else None, 0, True, True)
     tall = Wf.mT if transposed else Wf  # = Q R
     # tall = W: U_W = Q U_R, V_W = V_R;  tall = Wᵀ: U_W = V_R, V_W = Q U_R
     need_q = need in ("both", "Vh") if transposed else need in ("both", "U")
     reflectors, tau = torch.geqrf(tall)  # Q as Householder reflectors below R's diagonal: applied, never formed
     R = reflectors[:k].triu()
     tol = default_tol(m, n) if tol is None else tol
-    passes, converged = 0, False
+    passes, converged, got = 0, False, None
     if attempt and bool((R.diagonal().abs() > 0).all()):
         Vi, Si, Uih, passes, converged = subspace_iteration(_InverseTriangular(R), r, q, tol,
                                                             _bottom_budget(m, n, k, q), give_up=True,
@@ -267,7 +271,10 @@ def bottom_svd(W: torch.Tensor, r: int, *, tol: float | None = None, need: str =
         converged = bool(torch.linalg.vector_norm(R @ V_R - U_R * S, dim=0).max()
                          <= 8 * torch.finfo(torch.float32).eps * _largest_singular_value(R, generator))
     if not converged:
-        got = _bottom_by_gram(R, r)
+        # σ_min(R) ≤ min |R_ii| and σ_1(R) ≥ max |R_ii|: a pivot at fp32 noise means the Gram route would decline
+        pivots = R.diagonal().abs()
+        usable = gram and float(pivots.min()) > GRAM_BOTTOM_FLOOR * float(pivots.max())
+        got = _bottom_by_gram(R, r) if usable else None
         if got is not None:
             U_R, S, V_R = got
         elif svd_of_w:
@@ -285,7 +292,7 @@ def bottom_svd(W: torch.Tensor, r: int, *, tol: float | None = None, need: str =
     else:
         U = QU if need != "Vh" else None
         Vh = V_R.mT.contiguous() if need != "U" else None
-    return BottomSVD(U, S.contiguous(), Vh, passes, not converged)
+    return BottomSVD(U, S.contiguous(), Vh, passes, not converged, got is not None)
 
 
 # devices where the fp64 Gram route replaces the full SVD (measured on a 2-core CPU: 0.72–0.79× the time of
