@@ -53,8 +53,43 @@ def test_flat_spectrum_falls_back_quickly():
     res = top_svd(W, r)
     q, k = max(2 * r, r + 16), min(m, n)
     assert res.fallback and res.passes * 4 * m * n * q <= 0.25 * (4 * m * n * k + 8 * k ** 3)
+    # the fallback on the CPU: the fp64 Gram route, at least as close to the fp64 truth as fp32 LAPACK
+    S64, P64 = _truth(W.double(), r)
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-    assert torch.equal(res.S, S[:8])
+    assert ((res.S.double() - S64).abs() / S64).max() <= ((S[:r].double() - S64).abs() / S64).max()
+    lapack = float(((U[:, :r] * S[:r]) @ Vh[:r]).double().sub(P64).norm())
+    assert float(((res.U * res.S[None]) @ res.Vh).double().sub(P64).norm()) <= 0.7 * lapack
+
+
+@pytest.mark.parametrize("m,n", [(600, 500), (500, 600), (1000, 300), (300, 1000)])
+def test_flat_spectrum_fallback_by_gram_and_without(m, n, monkeypatch):
+    """The top-r fallback after the iteration gives up: the fp64 Gram route of W (near square) or of R from a QR
+    (far from square), each matrix of a batch; the full SVD bit for bit on another device or where a top value is
+    at fp32 noise (a raised noise floor here)."""
+    from loram_fast.ops import topsvd
+
+    r = 8
+    W = torch.randn(2, m, n, generator=torch.Generator().manual_seed(2))
+    routes = []
+    real = topsvd._gram_fallback
+    monkeypatch.setattr(topsvd, "_gram_fallback", lambda *a: routes.append(a[0].shape) or real(*a))
+    res = top_svd(W, r)
+    assert res.fallback and routes == [(m, n), (m, n)]
+    assert res.U.shape == (2, m, r) and res.S.shape == (2, r) and res.Vh.shape == (2, r, n)
+    for b in range(2):
+        S64, P64 = _truth(W[b].double(), r)
+        U, S, Vh = torch.linalg.svd(W[b], full_matrices=False)
+        assert ((res.S[b].double() - S64).abs() / S64).max() <= max(1e-7, ((S[:r].double() - S64).abs() / S64).max())
+        got = float(((res.U[b] * res.S[b][None]) @ res.Vh[b]).double().sub(P64).norm())
+        assert got <= float(((U[:, :r] * S[:r]) @ Vh[:r]).double().sub(P64).norm())
+        assert torch.allclose(res.U[b].mT @ res.U[b], torch.eye(r), atol=1e-5)
+        assert torch.allclose(res.Vh[b] @ res.Vh[b].mT, torch.eye(r), atol=1e-5)
+    full = torch.linalg.svd(W, full_matrices=False)
+    for name, value in (("GRAM_DEVICES", ("cuda",)), ("GRAM_FLOOR", 0.99)):
+        with monkeypatch.context() as mp:
+            mp.setattr(topsvd, name, value)
+            res = top_svd(W, r)
+        assert res.fallback and torch.equal(res.S, full.S[:, :r]) and torch.equal(res.U, full.U[..., :r]), name
 
 
 def test_small_matrix_uses_full_svd_and_batch_and_bf16():
@@ -132,14 +167,15 @@ def test_bottom_svd_falls_back_on_a_flat_bottom(m, n, need, attempt):
     """σ_k ∝ k^-0.5: the smallest values crowd together and iterating would not pay; the full SVD (of W when near
     square, of R with Q applied from its reflectors when W is ≥ 11/6 times as tall or wide) gives the same subspaces
     as LAPACK's, the triplets together (``attempt=False``: the same without iterating)."""
-    from loram_fast.ops.topsvd import bottom_svd
+    from loram_fast.ops.topsvd import bottom_svd, bottom_svd_route
 
     W64 = _matrix(m, n, 0.5, seed=4)
     r = 6
     U64, S64, Vh64 = _bottom_truth(W64, r)
     W = W64.float()
-    got = bottom_svd(W, r, need=need, attempt=attempt)
-    assert got.fallback and got.passes <= (2 if attempt else 0)
+    got, route = bottom_svd_route(W, r, need=need, attempt=attempt)
+    assert got.fallback and got.passes <= (2 if attempt else 0) and route == "gram"
+    assert torch.equal(bottom_svd(W, r, need=need, attempt=attempt).S, got.S)  # the public form: the same result
     lapack = torch.linalg.svd(W, full_matrices=False)
     # on the CPU the fallback is the fp64 Gram route (of R after the attempt, of W without it), closer to the fp64
     # truth than fp32 LAPACK: the subspaces at most 0.7× LAPACK's distance (measured 0.05–0.45×), which a fallback
@@ -157,18 +193,18 @@ def test_bottom_svd_falls_back_on_a_flat_bottom(m, n, need, attempt):
 
 
 @pytest.mark.parametrize("m,n", [(300, 120), (120, 300), (150, 150)])
-def test_bottom_by_gram_in_blocks_and_where_it_declines(m, n, monkeypatch):
+def test_by_gram_in_blocks_and_where_it_declines(m, n, monkeypatch):
     """The fp64 Gram route directly: the same triplets whatever the fp64 block size (one row per block, a block
     that does not divide the rows, one block), the last r of the fp64 SVD to fp32 rounding (singular values 1e-6
     relative, subspaces 1e-5); None on a rank-deficient matrix (bottom values at fp32 noise: the full SVD's choice)
-    and on a device outside ``GRAM_BOTTOM_DEVICES``."""
+    and on a device outside ``GRAM_DEVICES``."""
     from loram_fast.ops import topsvd
-    from loram_fast.ops.topsvd import _bottom_by_gram
+    from loram_fast.ops.topsvd import _by_gram
 
     W = _matrix(m, n, 0.5, seed=6).float()
     r = 5
     U64, S64, Vh64 = _bottom_truth(W.double(), r)  # the truth of the fp32 matrix itself
-    results = [_bottom_by_gram(W, r, rows_per_block=b) for b in (min(m, n), 7 * min(m, n) + 3, 1 << 22)]
+    results = [_by_gram(W, r, rows_per_block=b) for b in (min(m, n), 7 * min(m, n) + 3, 1 << 22)]
     for U, S, V in results:
         assert U.shape == (m, r) and S.shape == (r,) and V.shape == (n, r) and U.dtype == torch.float32
         assert ((S.double() - S64).abs() / S64).max() <= 1e-6
@@ -178,9 +214,9 @@ def test_bottom_by_gram_in_blocks_and_where_it_declines(m, n, monkeypatch):
         assert torch.allclose(S, results[0][1], rtol=1e-6)
         assert torch.allclose((U * S) @ V.T, (results[0][0] * results[0][1]) @ results[0][2].T, atol=1e-6)
     singular = torch.randn(m, 8, generator=torch.Generator().manual_seed(1)) @ torch.randn(8, n)
-    assert _bottom_by_gram(singular, r) is None
-    monkeypatch.setattr(topsvd, "GRAM_BOTTOM_DEVICES", ("cuda",))
-    assert _bottom_by_gram(W, r) is None
+    assert _by_gram(singular, r) is None
+    monkeypatch.setattr(topsvd, "GRAM_DEVICES", ("cuda",))
+    assert _by_gram(W, r) is None
 
 
 def test_bottom_svd_at_fp32_noise_leaves_the_gram_route_to_the_full_svd(monkeypatch):
@@ -191,7 +227,7 @@ def test_bottom_svd_at_fp32_noise_leaves_the_gram_route_to_the_full_svd(monkeypa
     to the full SVD at once, run on a crowded k^-0.5 bottom with the noise floor raised to 0.5·σ_1."""
     from loram_fast.methods.svd import minor_svd
     from loram_fast.ops import topsvd
-    from loram_fast.ops.topsvd import bottom_svd
+    from loram_fast.ops.topsvd import bottom_svd_route
 
     r = 6
     crowded = _matrix(300, 300, 0.5, seed=8).float()
@@ -204,23 +240,23 @@ def test_bottom_svd_at_fp32_noise_leaves_the_gram_route_to_the_full_svd(monkeypa
                 and torch.equal(got.Vh, lapack.Vh[-r:]))
 
     for kw in ({}, {"attempt": False}):
-        got = bottom_svd(zero_columns, r, **kw)
-        assert got.fallback and not got.gram and got.passes == 0 and is_lapacks(zero_columns, got), kw
-    assert bottom_svd(crowded, r).gram  # the crowded weight itself takes the Gram route
-    monkeypatch.setattr(topsvd, "GRAM_BOTTOM_FLOOR", 0.5)
+        got, route = bottom_svd_route(zero_columns, r, **kw)
+        assert got.fallback and route == "svd" and got.passes == 0 and is_lapacks(zero_columns, got), kw
+    assert bottom_svd_route(crowded, r)[1] == "gram"  # the crowded weight itself takes the Gram route
+    monkeypatch.setattr(topsvd, "GRAM_FLOOR", 0.5)
     for kw in ({}, {"attempt": False}):
-        got = bottom_svd(crowded, r, **kw)
-        assert got.fallback and not got.gram and is_lapacks(crowded, got), kw
+        got, route = bottom_svd_route(crowded, r, **kw)
+        assert got.fallback and route == "svd" and is_lapacks(crowded, got), kw
     memo = {}
     first = minor_svd(crowded, r, memo=memo)
-    assert first.fallback and not first.gram and first.passes > 0 and list(memo.values()) == [False]
-    monkeypatch.setattr(topsvd, "GRAM_BOTTOM_FLOOR", 1e-7)  # the route would now run: the memo must skip it
+    assert first.fallback and first.passes > 0 and list(memo.values()) == [False] and is_lapacks(crowded, first)
+    monkeypatch.setattr(topsvd, "GRAM_FLOOR", 1e-7)  # the route would now run: the memo must skip it
     later = minor_svd(crowded.flip(0), r, memo=memo)
-    assert later.passes == 0 and later.fallback and not later.gram and is_lapacks(crowded.flip(0), later)
+    assert later.passes == 0 and later.fallback and is_lapacks(crowded.flip(0), later)
 
 
 def test_bottom_svd_errors():
-    from loram_fast.ops.topsvd import bottom_svd
+    from loram_fast.ops.topsvd import bottom_svd, bottom_svd_route
 
     W = torch.randn(200, 200)
     W[3, 4] = float("nan")
@@ -231,9 +267,9 @@ def test_bottom_svd_errors():
     with pytest.raises(ValueError, match="need"):
         bottom_svd(torch.randn(20, 30), 2, need="V")
     singular = torch.randn(300, 8) @ torch.randn(8, 300)  # rank 8: R has (near) zero pivots
-    got = bottom_svd(singular, 4)
+    got, route = bottom_svd_route(singular, 4)
     assert torch.isfinite(got.U).all() and got.S.max() <= 1e-3 * torch.linalg.matrix_norm(singular, 2)
-    assert not got.gram  # bottom values at fp32 noise: the full SVD's vectors
+    assert route != "gram"  # bottom values at fp32 noise: never from the Gram route
 
 
 def test_mica_and_milora_iterative_match_the_full_svd():

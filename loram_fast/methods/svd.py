@@ -23,7 +23,7 @@ import torch
 from ..ops.matmul import matmul_f32
 from ..ops.rsvd import randomized_svd, randomized_svd_sharded
 from ..ops.threads import small_op
-from ..ops.topsvd import bottom_svd, top_svd, top_svd_sharded
+from ..ops.topsvd import bottom_svd, bottom_svd_route, top_svd, top_svd_sharded
 from .common import LayerInit, product_residual
 
 logger = logging.getLogger(__name__)
@@ -53,9 +53,9 @@ def minor_svd(W: torch.Tensor, r: int, *, need: str = "both", memo: dict | None 
     key = ("bottom_svd gave up", tuple(W.shape), r, need)
     if memo is not None and key in memo:  # the fallback that shape's first weight took: Gram route or full SVD
         return bottom_svd(W, r, need=need, attempt=False, gram=memo[key])
-    got = bottom_svd(W, r, need=need)
+    got, route = bottom_svd_route(W, r, need=need)
     if memo is not None and got.fallback and got.passes > 0:
-        memo[key] = got.gram
+        memo[key] = route == "gram"
         logger.debug("loram_fast: the minor-component iteration on a %s weight gave up; later weights of that shape "
                      "in this call go to the fallback at once", "×".join(map(str, W.shape)))
     return got

@@ -1,5 +1,5 @@
 """Exact top-r singular triplets without a full SVD: block subspace iteration with Rayleigh–Ritz, run until an
-a-posteriori test passes, with a fallback to ``torch.linalg.svd`` where iterating would not pay.
+a-posteriori test passes, with an exact fallback where iterating would not pay.
 
 For A (..., m, n), rank r, block q = min(max(2r, r + 16), min(m, n)):
 
@@ -10,9 +10,11 @@ For A (..., m, n), rank r, block q = min(max(2r, r + 16), min(m, n)):
 
 Each pass costs two products with A (4·m·n·q flops); the error falls by about (σ_{q+1}/σ_r)² per pass, a rate
 the Ritz values give after the first half pass. When the passes made plus those still needed exceed the time of a
-full SVD (``_passes_budget``), or a pass stops improving the residual (the fp32 floor), the full SVD runs instead:
-on a flat spectrum (a Gaussian matrix) after one or two passes, a few percent of the SVD's time. A matrix with
-min(m, n) <= 4q goes to the full SVD at once.
+full SVD (``_passes_budget``), or a pass stops improving the residual (the fp32 floor), the iteration gives up:
+on a flat spectrum (a Gaussian matrix) after one or two passes, a few percent of the SVD's time. The fallback is
+then, on the CPU, the eigenvectors of the fp64 Gram matrix (:func:`_gram_fallback`: ~0.75× the time of the full
+fp32 SVD, and closer to the exact triplets), else (a GPU, or values at fp32 noise) ``torch.linalg.svd``. A matrix
+with min(m, n) <= 4q goes to the full SVD at once.
 
 ``tol`` is relative to σ_1: by default 1e-6 · max(1, √(max(m, n)/2048)), just above what fp32 products reach
 (about the residual a full fp32 SVD leaves). Singular values then agree with the full SVD to ~1e-6 relative or
@@ -41,13 +43,24 @@ class TopSVD(NamedTuple):
     S: torch.Tensor   # (..., r) fp32
     Vh: torch.Tensor  # (..., r, n) fp32
     passes: int       # products-with-A pairs made (0: the full SVD ran)
-    fallback: bool    # True when torch.linalg.svd produced the result
+    fallback: bool    # True when the iteration did not give the result (small weight, or it gave up)
 
 
-def _full(A: torch.Tensor, r: int, passes: int) -> TopSVD:
+def _full(A: torch.Tensor, r: int, passes: int, gram: bool = False) -> TopSVD:
+    """The top r of ``torch.linalg.svd``; ``gram``: first try :func:`_gram_fallback` on each matrix (the fallback
+    after the iteration gave up: on the CPU ~0.75× the SVD's time, closer to the exact triplets)."""
     Af = A.float()
     if not bool(torch.isfinite(Af).all()):
         raise ValueError("loram_fast.top_svd: the input holds NaN or Inf values")
+    if gram and Af.device.type in GRAM_DEVICES:
+        parts = []
+        for M in Af.reshape(-1, *Af.shape[-2:]):
+            parts.append(_gram_fallback(M, r, "top"))
+            if parts[-1] is None:
+                break
+        if parts[-1] is not None:
+            U, S, Vh = (torch.stack(p).reshape(*Af.shape[:-2], *p[0].shape) for p in zip(*parts))
+            return TopSVD(U, S, Vh, passes, True)
     U, S, Vh = torch.linalg.svd(Af, full_matrices=False)
     return TopSVD(U[..., :, :r], S[..., :r], Vh[..., :r, :], passes, True)
 
@@ -93,7 +106,7 @@ def top_svd(A: torch.Tensor, r: int, *, tol: float | None = None, generator: tor
                                                      give_up=True, generator=generator, backend=backend)
     if converged:
         return TopSVD(U, S, Vh, passes, False)
-    return _full(dense(), r, passes)
+    return _full(dense(), r, passes, gram=True)
 
 
 def subspace_iteration(A, r: int, q: int, tol: float, max_passes: int, *, give_up: bool = False,
@@ -207,7 +220,6 @@ class BottomSVD(NamedTuple):
     Vh: torch.Tensor  # (r, n) fp32, or None when not asked for
     passes: int
     fallback: bool    # True when the iteration did not give the result
-    gram: bool = False  # True when the fallback was the fp64 Gram route (False: the full SVD, or no fallback)
 
 
 def bottom_svd(W: torch.Tensor, r: int, *, tol: float | None = None, need: str = "both",
@@ -220,13 +232,21 @@ def bottom_svd(W: torch.Tensor, r: int, *, tol: float | None = None, need: str =
     solves per pass (shift-and-invert at shift 0) and the module's a-posteriori test on ``R⁻¹``. Q stays in its
     Householder form (``torch.geqrf``) and is applied to the r vectors that need it (``torch.ormqr``). A flat bottom
     spectrum, which iteration would not resolve within the cost of a full SVD, gives up after a pass or two and goes
-    to :func:`_bottom_by_gram` on R (CPU: the eigenvectors of R's fp64 Gram matrix, ~0.75× the time of a full fp32
+    to :func:`_by_gram` on R (CPU: the eigenvectors of R's fp64 Gram matrix, ~0.75× the time of a full fp32
     SVD and closer to the exact triplets); where that declines (the bottom values at fp32's noise, or a GPU) to a
     full SVD, of R when W is far from square (≥ 11/6 : 1, where LAPACK itself would factor W by QR first), of W
-    otherwise. ``need``: "U", "Vh" or "both". ``attempt=False``: no QR and no iteration, the fallback at once on W
-    (for weights like one that just gave up); ``gram=False``: the full SVD as the fallback (for weights like one
+    otherwise. ``need``: "U", "Vh" or "both". ``attempt=False``: no iteration, the fallback at once (the Gram route
+    on W, or on R from a QR when W is far from square), for weights like one that just gave up; ``gram=False``: the full SVD as the fallback (for weights like one
     where the Gram route declined).
     """
+    return bottom_svd_route(W, r, tol=tol, need=need, generator=generator, attempt=attempt, gram=gram)[0]
+
+
+def bottom_svd_route(W: torch.Tensor, r: int, *, tol: float | None = None, need: str = "both",
+                     generator: torch.Generator | None = None, attempt: bool = True, gram: bool = True
+                     ) -> tuple[BottomSVD, str]:
+    """:func:`bottom_svd`, and the route that gave the result: ``"iteration"``, ``"gram"`` (the fp64 Gram route)
+    or ``"svd"`` (the full SVD)."""
     if need not in ("U", "Vh", "both"):
         raise ValueError(f"loram_fast.bottom_svd: need must be 'U', 'Vh' or 'both', got {need!r}")
     m, n = W.shape
@@ -238,19 +258,19 @@ def bottom_svd(W: torch.Tensor, r: int, *, tol: float | None = None, need: str =
         raise ValueError("loram_fast.bottom_svd: the input holds NaN or Inf values")
     q = min(max(2 * r, r + 16), k)
     if k <= 4 * q:  # small: the full SVD at once (as top_svd)
-        return _bottom_of_full_svd(Wf, r, need, 0)
+        return _bottom_of_full_svd(Wf, r, need, 0), "svd"
     # the taller orientation (a square W: the one whose needed side comes without Q)
     transposed = m < n or (m == n and need == "U")
     # near-square W: the fallback is W's own SVD (R's costs as much, and the QR is lost); far from square: R's
-    svd_of_w = 6 * max(m, n) < 11 * k
+    svd_of_w = not _far_from_square(m, n)
     if not attempt:
         # no free test predicts a decline here (a weight at fp32 noise then pays the Gram route and the SVD: rare,
         # and minor_svd sends later weights of a shape where the route declined to the SVD at once)
-        got = _bottom_by_gram(Wf, r) if gram else None
+        got = _gram_fallback(Wf, r, "bottom") if gram else None
         if got is None:
-            return _bottom_of_full_svd(Wf, r, need, 0)
-        U, S, V = got
-        return BottomSVD(U if need != "Vh" else None, S, V.mT.contiguous() if need != "U" else None, 0, True, True)
+            return _bottom_of_full_svd(Wf, r, need, 0), "svd"
+        U, S, Vh = got
+        return BottomSVD(U if need != "Vh" else None, S, Vh if need != "U" else None, 0, True), "gram"
     tall = Wf.mT if transposed else Wf  # = Q R
     # tall = W: U_W = Q U_R, V_W = V_R;  tall = Wᵀ: U_W = V_R, V_W = Q U_R
     need_q = need in ("both", "Vh") if transposed else need in ("both", "U")
@@ -273,47 +293,46 @@ def bottom_svd(W: torch.Tensor, r: int, *, tol: float | None = None, need: str =
     if not converged:
         # σ_min(R) ≤ min |R_ii| and σ_1(R) ≥ max |R_ii|: a pivot at fp32 noise means the Gram route would decline
         pivots = R.diagonal().abs()
-        usable = gram and float(pivots.min()) > GRAM_BOTTOM_FLOOR * float(pivots.max())
-        got = _bottom_by_gram(R, r) if usable else None
+        usable = gram and float(pivots.min()) > GRAM_FLOOR * float(pivots.max())
+        got = _by_gram(R, r) if usable else None
         if got is not None:
             U_R, S, V_R = got
         elif svd_of_w:
-            return _bottom_of_full_svd(Wf, r, need, passes)
+            return _bottom_of_full_svd(Wf, r, need, passes), "svd"
         else:
             U_R_all, S_all, Vh_R_all = torch.linalg.svd(R, full_matrices=False)
             U_R, S, V_R = U_R_all[:, -r:], S_all[-r:], Vh_R_all[-r:].mT
-    QU = None
-    if need_q:  # Q U_R = Q [U_R; 0] (Q is tall.shape[0] square, implicitly)
-        padded = torch.cat([U_R, U_R.new_zeros(tall.shape[0] - k, r)]) if tall.shape[0] > k else U_R
-        QU = torch.ormqr(reflectors, tau, padded.contiguous())
+    QU = _apply_q(reflectors, tau, U_R) if need_q else None
     if transposed:
         U = V_R.contiguous() if need != "Vh" else None
         Vh = QU.mT.contiguous() if need != "U" else None
     else:
         U = QU if need != "Vh" else None
         Vh = V_R.mT.contiguous() if need != "U" else None
-    return BottomSVD(U, S.contiguous(), Vh, passes, not converged, got is not None)
+    route = "iteration" if converged else "gram" if got is not None else "svd"
+    return BottomSVD(U, S.contiguous(), Vh, passes, not converged), route
 
 
-# devices where the fp64 Gram route replaces the full SVD (measured on a 2-core CPU: 0.72–0.79× the time of
-# torch.linalg.svd for 512² to 2048²; on GPUs fp64 throughput varies by card and it has not been measured)
-GRAM_BOTTOM_DEVICES = ("cpu",)
-# bottom singular values below this fraction of σ_1 are fp32 rounding in W: their vectors are arbitrary, and the
-# Gram route leaves them to the full SVD (the reference's own choice)
-GRAM_BOTTOM_FLOOR = 1e-7
+# devices where the fp64 Gram route replaces the full SVD as the fallback (measured on a 2-core CPU: 0.72–0.79× the
+# time of torch.linalg.svd for 512² to 2048²; on GPUs fp64 throughput varies by card and it has not been measured)
+GRAM_DEVICES = ("cpu",)
+# singular values below this fraction of σ_1 are fp32 rounding in W: their vectors are arbitrary, and the Gram
+# route leaves them to the full SVD (the reference's own choice)
+GRAM_FLOOR = 1e-7
 
 
-def _bottom_by_gram(M: torch.Tensor, r: int, rows_per_block: int = 1 << 22):
-    """The r smallest singular triplets of M (fp32, rows×cols) from the eigenvectors of its Gram matrix over the
-    shorter side, in fp64: for X = M (tall) or Mᵀ (wide), G = XᵀX = V Σ² Vᵀ (``torch.linalg.eigh``), then
-    X V = U Σ, so σ_i = ‖X v_i‖ and u_i = X v_i / σ_i. In fp64 the squared spectrum loses nothing fp32 keeps:
-    eigenvalues carry errors of ~1e-16·σ_1², so σ_i to ~1e-16·(σ_1/σ_i)² relative and the vectors to
-    ~1e-16·σ_1²/gap(σ²), closer to the exact triplets than a full fp32 SVD (~6e-8·σ_1/σ_i and ~6e-8·σ_1/gap(σ))
-    while σ_1/σ_i < 5e8. X goes to fp64 in blocks of ``rows_per_block`` entries, never whole.
+def _by_gram(M: torch.Tensor, r: int, which: str = "bottom", rows_per_block: int = 1 << 22):
+    """The r largest (``which="top"``) or smallest (``"bottom"``) singular triplets of M (fp32, rows×cols) from the
+    eigenvectors of its Gram matrix over the shorter side, in fp64: for X = M (tall) or Mᵀ (wide),
+    G = XᵀX = V Σ² Vᵀ (``torch.linalg.eigh``), then X V = U Σ, so σ_i = ‖X v_i‖ and u_i = X v_i / σ_i. In fp64 the
+    squared spectrum loses nothing fp32 keeps: eigenvalues carry errors of ~1e-16·σ_1², so σ_i to
+    ~1e-16·(σ_1/σ_i)² relative and the vectors to ~1e-16·σ_1²/gap(σ²), closer to the exact triplets than a full
+    fp32 SVD (~6e-8·σ_1/σ_i and ~6e-8·σ_1/gap(σ)) while σ_1/σ_i < 5e8. X goes to fp64 in blocks of
+    ``rows_per_block`` entries, never whole.
 
-    Returns ``(U, S, V)``: U rows×r, S (r,) descending (as the last r of a full SVD), V cols×r, fp32; or None where
-    the route does not apply (a device outside ``GRAM_BOTTOM_DEVICES``, or σ_min ≤ ``GRAM_BOTTOM_FLOOR``·σ_1)."""
-    if M.device.type not in GRAM_BOTTOM_DEVICES:
+    Returns ``(U, S, V)``: U rows×r, S (r,) descending (as a full SVD orders them), V cols×r, fp32; or None where
+    the route does not apply (a device outside ``GRAM_DEVICES``, or a returned σ ≤ ``GRAM_FLOOR``·σ_1)."""
+    if M.device.type not in GRAM_DEVICES:
         return None
     wide = M.shape[0] < M.shape[1]
     X = M.mT if wide else M
@@ -324,11 +343,11 @@ def _bottom_by_gram(M: torch.Tensor, r: int, rows_per_block: int = 1 << 22):
         block = X[i:i + step].double()
         gram.addmm_(block.mT, block)
     evals, evecs = torch.linalg.eigh(gram)  # ascending
-    V = evecs[:, :r].flip(-1).contiguous()   # the r smallest, in descending order of σ
+    V = (evecs[:, -r:] if which == "top" else evecs[:, :r]).flip(-1).contiguous()  # in descending order of σ
     Y = torch.cat([X[i:i + step].double() @ V for i in range(0, X.shape[0], step)])
     S = torch.linalg.vector_norm(Y, dim=0)
     sigma_1 = float(evals[-1].clamp_min(0).sqrt())
-    if not bool(torch.isfinite(S).all()) or float(S.min()) <= GRAM_BOTTOM_FLOOR * sigma_1:
+    if not bool(torch.isfinite(S).all()) or float(S.min()) <= GRAM_FLOOR * sigma_1:
         return None
     # eigh orders by σ², the norms may swap a near-tie: keep the result descending by the σ returned
     S, order = S.sort(descending=True)
@@ -337,6 +356,41 @@ def _bottom_by_gram(M: torch.Tensor, r: int, rows_per_block: int = 1 << 22):
     if wide:  # X = Mᵀ: eigh gave M's left vectors, X V / σ its right ones
         return V, S, U
     return U, S, V
+
+
+def _far_from_square(m: int, n: int) -> bool:
+    """At least 11/6 times as tall or wide: where LAPACK's SVD factors by QR first, and where a QR (fp32) and the
+    fp64 Gram matrix of R cost less than the fp64 Gram matrix of the whole weight."""
+    return 6 * max(m, n) >= 11 * min(m, n)
+
+
+def _gram_fallback(Wf: torch.Tensor, r: int, which: str):
+    """:func:`_by_gram` of a whole 2-D fp32 weight, as (U, S, Vh): of W itself when near square; far from square,
+    of R from the QR of the taller of W and Wᵀ (``torch.geqrf``), Q applied to the r vectors on its side
+    (``torch.ormqr``). None where the route declines."""
+    m, n = Wf.shape
+    if not _far_from_square(m, n):
+        got = _by_gram(Wf, r, which)
+        return None if got is None else (got[0], got[1], got[2].mT.contiguous())
+    if Wf.device.type not in GRAM_DEVICES:
+        return None
+    transposed = m < n
+    tall = Wf.mT if transposed else Wf
+    k = tall.shape[1]
+    reflectors, tau = torch.geqrf(tall)
+    got = _by_gram(reflectors[:k].triu(), r, which)
+    if got is None:
+        return None
+    U_R, S, V_R = got
+    QU = _apply_q(reflectors, tau, U_R)
+    return (V_R.contiguous(), S, QU.mT.contiguous()) if transposed else (QU, S, V_R.mT.contiguous())
+
+
+def _apply_q(reflectors: torch.Tensor, tau: torch.Tensor, U_R: torch.Tensor) -> torch.Tensor:
+    """Q [U_R; 0] for the Q of ``torch.geqrf`` (square, as tall as ``reflectors``), never formed."""
+    rows, k = reflectors.shape[0], U_R.shape[0]
+    padded = torch.cat([U_R, U_R.new_zeros(rows - k, U_R.shape[1])]) if rows > k else U_R
+    return torch.ormqr(reflectors, tau, padded.contiguous())
 
 
 def _bottom_of_full_svd(Wf: torch.Tensor, r: int, need: str, passes: int) -> BottomSVD:
