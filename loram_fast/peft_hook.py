@@ -73,6 +73,12 @@ def _make_reset_lora_parameters(original):
             # low_cpu_mem_usage: peft creates the layers without weights; nothing to initialise from
             logger.debug("loram_fast: skipping %s init of a layer on the meta device", name)
             return None
+        state = _INJECTING.get()
+        if state is not None and name in BATCHED_IN_INJECTION and _batchable(self, adapter_name):
+            # checked now (errors name this layer, as from update_layer), computed and written with the
+            # injection's other layers when peft's inject_adapter has created them all (_init_batched)
+            state["batched"].append((self, adapter_name, *_checked(self, adapter_name, name, options)))
+            return None
         return init_layer(self, adapter_name, name, **options)
 
     return reset_lora_parameters
@@ -85,16 +91,67 @@ _WARNED: set = set()
 _INJECTING: contextvars.ContextVar = contextvars.ContextVar("loram_fast_injecting", default=None)
 
 
+# methods the hook initialises all at once at the end of an injection, like ``init_model``: the LoRAM family draws
+# no random numbers (so the order of the inits changes nothing), reads only its own weight, and writes its residuals
+# batched by weight shape (``bench/floor.py``); a failure rolls back every layer, the base weights bit for bit
+BATCHED_IN_INJECTION = ("loram", "loram_dct")
+
+
 def _make_inject_adapter(original):
     def inject_adapter(self, model, *args, **kwargs):
-        token = _INJECTING.set({"model": model, "storages": None})
+        state = {"model": model, "storages": None, "batched": []}
+        token = _INJECTING.set(state)
         _WARNED.clear()
         try:
-            return original(self, model, *args, **kwargs)
+            result = original(self, model, *args, **kwargs)
         finally:
             _INJECTING.reset(token)
+        if state["batched"]:  # (not reached when peft raised: nothing of ours was written then)
+            _init_batched(model, state["batched"])
+        return result
 
     return inject_adapter
+
+
+def _batchable(layer, adapter_name: str) -> bool:
+    """Whether the layer's init may wait for the end of the injection: no LoRA variant (DoRA reads the initialised
+    weight and adapters right after the init, in update_layer), and a plain tensor weight (not a DTensor, not
+    partitioned by DeepSpeed ZeRO-3, whose whole weight exists only while gathered)."""
+    from peft.utils.integrations import check_deepspeed_zero3_enabled
+
+    from .ops.sharded import local_tensor
+
+    weight = layer.get_base_layer().weight
+    return (adapter_name not in getattr(layer, "lora_variant", {}) and not layer.use_dora.get(adapter_name, False)
+            and local_tensor(weight) is weight and not hasattr(weight, "ds_id")
+            and not check_deepspeed_zero3_enabled())
+
+
+def _init_batched(model, batched: list) -> None:
+    """Initialise the layers the hook held back during an injection, in one transaction per (adapter, method,
+    options), in module order: what ``init_model`` does, restricted to those layers. A layer peft created but did
+    not keep in the model is left alone; a layer listed twice gets its last request."""
+    from .compute import compute_and_write
+    from .targets import make_target
+    from .transaction import Transaction
+
+    found = {id(module): (i, name) for i, (name, module) in enumerate(model.named_modules())}
+    last = {(id(item[0]), item[1]): item for item in batched}  # one request per (layer, adapter): the last
+    groups: dict = {}
+    for layer, adapter, spec, options, rounded, _ in sorted(last.values(), key=lambda item: found.get(
+            id(item[0]), (-1, ""))[0]):
+        if id(layer) not in found:
+            logger.debug("loram_fast: a layer peft created during the injection is not in the model; not initialised")
+            continue
+        key = (adapter, spec.name, rounded, repr(sorted(options.items())))
+        target = make_target(layer, adapter, found[id(layer)][1])
+        groups.setdefault(key, (adapter, spec, options, rounded, []))[4].append(target)
+    storages = parameters_by_storage(model)
+    shared = {ptr for ptr, group in storages.items() if len(group) > 1}
+    for adapter, spec, options, rounded, targets in groups.values():
+        with fair_share():
+            compute_and_write(spec, targets, options, Transaction(adapter, rounded_residual=rounded,
+                                                                  shared_storages=shared), progress=False)
 
 
 def _storages() -> dict:
@@ -130,29 +187,39 @@ def _warn_once(name: str, adapter_name: str) -> None:
 def init_layer(layer, adapter_name: str, method: str, **options) -> None:
     """Initialise one peft LoRA layer in place (what the hook calls from peft's ``update_layer``): validated,
     computed and written in one transaction, like ``init_model`` for a single layer."""
-    from . import options as opt
     from .compute import compute_and_write
-    from .targets import make_target, shared_base_error, validate, weight_users
     from .transaction import Transaction
 
-    spec = get_method(method)
-    rounded = bool(options.pop("rounded_residual", False))
-    options = opt.validate(options, spec.options, f"method {spec.name!r}")
-    if spec.expand is not None:
-        options = spec.expand(options)
     with _gathered(layer):  # under DeepSpeed ZeRO-3 the whole weight exists only inside this block
-        target = make_target(layer, adapter_name)
-        validate(spec, target, adapter_name, options, in_init_model=False)
-        if spec.writes_residual(options):
-            users = weight_users(target, adapter_name, _storages())
-            if users:
-                raise shared_base_error(spec.name, target, users)
+        spec, options, rounded, target = _checked(layer, adapter_name, method, options)
         # the adapter parameters peft's update_layer just created are fresh: only a storage the model already held
         # under two names can be shared
         shared = {ptr for ptr, names in _storages().items() if len(names) > 1}
         with fair_share():
             compute_and_write(spec, [target], options, Transaction(adapter_name, rounded_residual=rounded,
                                                                    shared_storages=shared), progress=False)
+
+
+def _checked(layer, adapter_name: str, method: str, options: dict):
+    """Everything the hook checks before an init: the options, the layer (:func:`~loram_fast.targets.validate`) and,
+    for a method that writes a residual, that nothing else uses the base weight. ``(spec, options, rounded, target)``.
+    """
+    from . import options as opt
+    from .targets import make_target, shared_base_error, validate, weight_users
+
+    spec = get_method(method)
+    options = dict(options)
+    rounded = bool(options.pop("rounded_residual", False))
+    options = opt.validate(options, spec.options, f"method {spec.name!r}")
+    if spec.expand is not None:
+        options = spec.expand(options)
+    target = make_target(layer, adapter_name)
+    validate(spec, target, adapter_name, options, in_init_model=False)
+    if spec.writes_residual(options):
+        users = weight_users(target, adapter_name, _storages())
+        if users:
+            raise shared_base_error(spec.name, target, users)
+    return spec, options, rounded, target
 
 
 def _gathered(layer):

@@ -67,3 +67,74 @@ def test_install_is_idempotent():
 def test_hook_validation_error_names_problem(llama):
     with pytest.raises(ValueError, match="dead adapter"):
         get_peft_model(llama, LoraConfig(r=1, target_modules=["q_proj"], init_lora_weights="loram"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hook_initialises_an_injection_at_once_as_layer_by_layer(llama_base, monkeypatch, dtype):
+    """Within peft's inject_adapter the hook checks each LoRAM layer and initialises them all at the end, in one
+    compute_and_write call (batched residual writes): every parameter and buffer bit for bit as when each layer is
+    initialised from its own update_layer (BATCHED_IN_INJECTION emptied), and as init_model afterwards."""
+    import copy
+
+    from loram_fast import compute
+
+    cfg = dict(r=8, lora_alpha=16, target_modules=LLAMA_TARGETS, init_lora_weights="loram")
+    base = copy.deepcopy(llama_base).to(dtype)
+    calls = []
+    real = compute.compute_and_write
+    monkeypatch.setattr(compute, "compute_and_write", lambda spec, targets, *a, **k: (
+        calls.append(len(targets)), real(spec, targets, *a, **k))[1])
+    batched = get_peft_model(copy.deepcopy(base), LoraConfig(**cfg))
+    assert calls == [2 * len(LLAMA_TARGETS)]
+    monkeypatch.setattr(peft_hook, "BATCHED_IN_INJECTION", ())
+    per_layer = get_peft_model(copy.deepcopy(base), LoraConfig(**cfg))
+    assert calls[1:] == [1] * (2 * len(LLAMA_TARGETS))
+    a, b = batched.state_dict(), per_layer.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    for (n, p), (_, q) in zip(batched.named_parameters(), per_layer.named_parameters()):
+        assert p.requires_grad == q.requires_grad, n
+
+
+def test_hook_failure_in_an_injection_leaves_every_base_weight_untouched(llama_base):
+    """NaN in the last targeted weight: peft's get_peft_model raises the error naming that module, and no base
+    weight has changed (layer by layer, the earlier layers' residuals would already be in their weights)."""
+    import copy
+
+    base = copy.deepcopy(llama_base)
+    last = base.model.layers[1].mlp.down_proj.weight
+    with torch.no_grad():
+        last[3, 5] = float("nan")
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    with pytest.raises(ValueError, match=r"layers\.1\.mlp\.down_proj.*NaN"):
+        get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=LLAMA_TARGETS, init_lora_weights="loram"))
+    after = {n.replace(".base_layer", ""): p for n, p in base.named_parameters() if "lora_" not in n}
+    assert after.keys() == before.keys()
+    for n, p in before.items():  # bit for bit, the NaN in place
+        assert torch.equal(after[n].isnan(), p.isnan()) and torch.equal(after[n].nan_to_num(), p.nan_to_num()), n
+
+
+def test_hook_keeps_dora_and_update_layer_outside_an_injection_layer_by_layer(llama_base, monkeypatch):
+    """DoRA reads the initialised weight right after the init (in update_layer), and a direct update_layer call has
+    no injection around it: both go through init_layer, one layer at a time, with the same result as init_model."""
+    import copy
+
+    seen = []
+    real = peft_hook.init_layer
+    monkeypatch.setattr(peft_hook, "init_layer", lambda layer, *a, **k: (seen.append(layer), real(layer, *a, **k))[1])
+    cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True)
+    dora = get_peft_model(copy.deepcopy(llama_base), LoraConfig(init_lora_weights="loram", **cfg))
+    assert len(seen) == 4
+    ref = get_peft_model(copy.deepcopy(llama_base), LoraConfig(**cfg))
+    loram_fast.init_model(ref, "loram", progress=False)
+    a, b = dora.state_dict(), ref.state_dict()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-7), k
+    from peft.tuners.lora import Linear
+
+    seen.clear()
+    plain = torch.nn.Linear(64, 48, bias=False)
+    W = plain.weight.detach().clone()
+    lora = Linear(plain, "default", LoraConfig(r=4, lora_alpha=8, init_lora_weights="loram"), r=4, lora_alpha=8)
+    assert seen == [lora] and not torch.equal(plain.weight, W)  # initialised within its own update_layer
