@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextvars
 import logging
 
+import torch
+
 from ._patch import is_patched, patch, unpatch
 from .ops.threads import fair_share
 from .registry import get_method, parse_init_string
@@ -149,9 +151,19 @@ def _init_batched(model, batched: list) -> None:
     storages = parameters_by_storage(model)
     shared = {ptr for ptr, group in storages.items() if len(group) > 1}
     for adapter, spec, options, rounded, targets in groups.values():
-        with fair_share():
-            compute_and_write(spec, targets, options, Transaction(adapter, rounded_residual=rounded,
-                                                                  shared_storages=shared), progress=False)
+        try:
+            with fair_share():
+                compute_and_write(spec, targets, options, Transaction(adapter, rounded_residual=rounded,
+                                                                      shared_storages=shared), progress=False)
+        except BaseException:
+            # the transaction left every base weight as it was; peft has already put these layers into the model
+            # (in place, also into the model the caller passed to get_peft_model), with the adapters its layer
+            # constructor drew, B random too (peft's own init, which zeroes B, was ours to replace): zero B, so that
+            # each layer adds nothing to its base, as after peft's default init
+            with torch.no_grad():
+                for t in targets:
+                    t.layer.lora_B[adapter].weight.zero_()
+            raise
 
 
 def _storages() -> dict:
@@ -245,7 +257,6 @@ def _take_over(LoraLayer) -> None:
 
         patch(LoraLayer, attr, make)
 
-    import torch
 
     route("pissa_init", lambda layer, init_lora_weights: init_lora_weights)
     route("olora_init", lambda layer: "olora")

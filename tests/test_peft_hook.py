@@ -98,8 +98,9 @@ def test_hook_initialises_an_injection_at_once_as_layer_by_layer(llama_base, mon
 
 
 def test_hook_failure_in_an_injection_leaves_every_base_weight_untouched(llama_base):
-    """NaN in the last targeted weight: peft's get_peft_model raises the error naming that module, and no base
-    weight has changed (layer by layer, the earlier layers' residuals would already be in their weights)."""
+    """NaN in the last targeted weight: peft's get_peft_model raises the error naming that module, no base weight has
+    changed (layer by layer, the earlier layers' residuals would already be in their weights), and the LoRA layers
+    peft put into the model in place add nothing (B = 0)."""
     import copy
 
     base = copy.deepcopy(llama_base)
@@ -113,6 +114,10 @@ def test_hook_failure_in_an_injection_leaves_every_base_weight_untouched(llama_b
     assert after.keys() == before.keys()
     for n, p in before.items():  # bit for bit, the NaN in place
         assert torch.equal(after[n].isnan(), p.isnan()) and torch.equal(after[n].nan_to_num(), p.nan_to_num()), n
+    # peft has wrapped the layers in place: each adds nothing to its base (B = 0, as after peft's default init)
+    layers = [m for m in base.modules() if isinstance(m, LoraLayer)]
+    assert len(layers) == 2 * len(LLAMA_TARGETS)
+    assert all(float(m.lora_B["default"].weight.abs().max()) == 0 for m in layers)
 
 
 def test_hook_keeps_dora_and_update_layer_outside_an_injection_layer_by_layer(llama_base, monkeypatch):
