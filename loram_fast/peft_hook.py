@@ -76,14 +76,30 @@ def _make_reset_lora_parameters(original):
             logger.debug("loram_fast: skipping %s init of a layer on the meta device", name)
             return None
         state = _INJECTING.get()
-        if state is not None and name in BATCHED_IN_INJECTION and _batchable(self, adapter_name):
-            # checked now (errors name this layer, as from update_layer), computed and written with the
-            # injection's other layers when peft's inject_adapter has created them all (_init_batched)
-            state["batched"].append((self, adapter_name, *_checked(self, adapter_name, name, options)))
-            return None
-        return init_layer(self, adapter_name, name, **options)
+        try:
+            if state is not None and name in BATCHED_IN_INJECTION and _batchable(self, adapter_name):
+                # checked now (errors name this layer, as from update_layer), computed and written with the
+                # injection's other layers when peft's inject_adapter has created them all (_init_batched)
+                state["batched"].append((self, adapter_name, *_checked(self, adapter_name, name, options)))
+                return None
+            return init_layer(self, adapter_name, name, **options)
+        except BaseException:
+            _zero_b(self, adapter_name)
+            raise
 
     return reset_lora_parameters
+
+
+def _zero_b(layer, adapter_name: str) -> None:
+    """B = 0 for an adapter whose init failed (the model's weights are as before it): peft's update_layer just created
+    the adapter with the random B of its module's constructor, and peft's own init, which zeroes B, was ours to
+    replace. The layer then adds nothing to its base, as after peft's default init, in the model that peft has
+    already changed in place."""
+    with torch.no_grad():
+        if adapter_name in getattr(layer, "lora_B", {}):
+            layer.lora_B[adapter_name].weight.zero_()
+        if adapter_name in getattr(layer, "lora_embedding_B", {}):
+            layer.lora_embedding_B[adapter_name].zero_()
 
 
 # (method, adapter) pairs warned about during the current injection: one warning per adapter of one model
@@ -157,12 +173,9 @@ def _init_batched(model, batched: list) -> None:
                                                                       shared_storages=shared), progress=False)
         except BaseException:
             # the transaction left every base weight as it was; peft has already put these layers into the model
-            # (in place, also into the model the caller passed to get_peft_model), with the adapters its layer
-            # constructor drew, B random too (peft's own init, which zeroes B, was ours to replace): zero B, so that
-            # each layer adds nothing to its base, as after peft's default init
-            with torch.no_grad():
-                for t in targets:
-                    t.layer.lora_B[adapter].weight.zero_()
+            # (in place, also into the model the caller passed to get_peft_model)
+            for t in targets:
+                _zero_b(t.layer, adapter)
             raise
 
 

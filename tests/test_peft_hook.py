@@ -143,3 +143,21 @@ def test_hook_keeps_dora_and_update_layer_outside_an_injection_layer_by_layer(ll
     W = plain.weight.detach().clone()
     lora = Linear(plain, "default", LoraConfig(r=4, lora_alpha=8, init_lora_weights="loram"), r=4, lora_alpha=8)
     assert seen == [lora] and not torch.equal(plain.weight, W)  # initialised within its own update_layer
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_hook_failure_in_update_layer_leaves_the_new_adapter_adding_nothing(llama_base, monkeypatch, batched):
+    """A second adapter with LoRAM on layers that already hold one: the shared base weight is refused in the first
+    layer's update_layer (checked there both when batching and layer by layer). That layer keeps its weight, and the
+    new adapter, created with its module's random B, adds nothing (B = 0)."""
+    import copy
+
+    if not batched:
+        monkeypatch.setattr(peft_hook, "BATCHED_IN_INJECTION", ())
+    model = get_peft_model(copy.deepcopy(llama_base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    before = layer.get_base_layer().weight.detach().clone()
+    with pytest.raises(ValueError, match="also use"):
+        model.add_adapter("second", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights="loram"))
+    assert torch.equal(layer.get_base_layer().weight, before)
+    assert "second" in layer.lora_B and float(layer.lora_B["second"].weight.abs().max()) == 0
