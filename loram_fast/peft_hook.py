@@ -111,7 +111,9 @@ _INJECTING: contextvars.ContextVar = contextvars.ContextVar("loram_fast_injectin
 
 # methods the hook initialises all at once at the end of an injection, like ``init_model``: the LoRAM family draws
 # no random numbers (so the order of the inits changes nothing), reads only its own weight, and writes its residuals
-# batched by weight shape (``bench/floor.py``); a failure rolls back every layer, the base weights bit for bit
+# batched by weight shape (``bench/floor.py``) with kernels that keep no weight copy; a failure rolls back every
+# layer, the base weights bit for bit. Other methods stay one layer at a time: their residual writes keep a copy of
+# each weight for the rollback, which for a whole injection at once would be a copy of every targeted weight.
 BATCHED_IN_INJECTION = ("loram", "loram_dct")
 
 
