@@ -135,16 +135,20 @@ def _make_inject_adapter(original):
 
 def _batchable(layer, adapter_name: str) -> bool:
     """Whether the layer's init may wait for the end of the injection: no LoRA variant (DoRA reads the initialised
-    weight and adapters right after the init, in update_layer), and a plain tensor weight (not a DTensor, not
-    partitioned by DeepSpeed ZeRO-3, whose whole weight exists only while gathered)."""
+    weight and adapters right after the init, in update_layer); a plain tensor weight (not a DTensor, not
+    partitioned by DeepSpeed ZeRO-3, whose whole weight exists only while gathered); and a compiled residual kernel
+    that keeps no copy of the weight (on the torch or Triton backends every write keeps one until the transaction
+    ends: batched, a copy of every targeted weight at once)."""
     from peft.utils.integrations import check_deepspeed_zero3_enabled
 
+    from .ops import dispatch
     from .ops.sharded import local_tensor
 
     weight = layer.get_base_layer().weight
     return (adapter_name not in getattr(layer, "lora_variant", {}) and not layer.use_dora.get(adapter_name, False)
             and local_tensor(weight) is weight and not hasattr(weight, "ds_id")
-            and not check_deepspeed_zero3_enabled())
+            and not check_deepspeed_zero3_enabled()
+            and dispatch.resolve("loram_residual_", weight.device, None)[0] in dispatch.WRITES_CANNOT_FAIL)
 
 
 def _init_batched(model, batched: list) -> None:

@@ -95,6 +95,12 @@ def test_hook_initialises_an_injection_at_once_as_layer_by_layer(llama_base, mon
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
     for (n, p), (_, q) in zip(batched.named_parameters(), per_layer.named_parameters()):
         assert p.requires_grad == q.requires_grad, n
+    # on the torch backend every residual write keeps a weight copy until its transaction ends: layer by layer
+    monkeypatch.setattr(peft_hook, "BATCHED_IN_INJECTION", ("loram", "loram_dct"))
+    monkeypatch.setenv("LORAM_FAST_BACKEND", "torch")
+    del calls[:]
+    get_peft_model(copy.deepcopy(base), LoraConfig(**cfg))
+    assert calls == [1] * (2 * len(LLAMA_TARGETS))
 
 
 def test_hook_failure_in_an_injection_leaves_every_base_weight_untouched(llama_base):
