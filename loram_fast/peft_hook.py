@@ -276,7 +276,6 @@ def _take_over(LoraLayer) -> None:
 
         patch(LoraLayer, attr, make)
 
-
     route("pissa_init", lambda layer, init_lora_weights: init_lora_weights)
     route("olora_init", lambda layer: "olora")
     route("mica_init", lambda layer: "mica")

@@ -73,7 +73,7 @@ def test_hook_validation_error_names_problem(llama):
 def test_hook_initialises_an_injection_at_once_as_layer_by_layer(llama_base, monkeypatch, dtype):
     """Within peft's inject_adapter the hook checks each LoRAM layer and initialises them all at the end, in one
     compute_and_write call (batched residual writes): every parameter and buffer bit for bit as when each layer is
-    initialised from its own update_layer (BATCHED_IN_INJECTION emptied), and as init_model afterwards."""
+    initialised from its own update_layer (BATCHED_IN_INJECTION emptied); on the torch backend, layer by layer."""
     import copy
 
     from loram_fast import compute

@@ -236,8 +236,8 @@ def bottom_svd(W: torch.Tensor, r: int, *, tol: float | None = None, need: str =
     SVD and closer to the exact triplets); where that declines (the bottom values at fp32's noise, or a GPU) to a
     full SVD, of R when W is far from square (≥ 11/6 : 1, where LAPACK itself would factor W by QR first), of W
     otherwise. ``need``: "U", "Vh" or "both". ``attempt=False``: no iteration, the fallback at once (the Gram route
-    on W, or on R from a QR when W is far from square), for weights like one that just gave up; ``gram=False``: the full SVD as the fallback (for weights like one
-    where the Gram route declined).
+    on W, or on R from a QR when W is far from square), for weights like one that just gave up; ``gram=False``: the
+    full SVD as the fallback (for weights like one where the Gram route declined).
     """
     return bottom_svd_route(W, r, tol=tol, need=need, generator=generator, attempt=attempt, gram=gram)[0]
 
@@ -261,7 +261,7 @@ def bottom_svd_route(W: torch.Tensor, r: int, *, tol: float | None = None, need:
         return _bottom_of_full_svd(Wf, r, need, 0), "svd"
     # the taller orientation (a square W: the one whose needed side comes without Q)
     transposed = m < n or (m == n and need == "U")
-    # near-square W: the fallback is W's own SVD (R's costs as much, and the QR is lost); far from square: R's
+    # where the Gram route declines: a near-square W's own SVD (R's costs as much); far from square, R's
     svd_of_w = not _far_from_square(m, n)
     if not attempt:
         # no free test predicts a decline here (a weight at fp32 noise then pays the Gram route and the SVD: rare,
