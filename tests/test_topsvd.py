@@ -177,9 +177,9 @@ def test_bottom_svd_falls_back_on_a_flat_bottom(m, n, need, attempt):
     assert got.fallback and got.passes <= (2 if attempt else 0) and route == "gram"
     assert torch.equal(bottom_svd(W, r, need=need, attempt=attempt).S, got.S)  # the public form: the same result
     lapack = torch.linalg.svd(W, full_matrices=False)
-    # on the CPU the fallback is the fp64 Gram route (of R after the attempt, of W without it), closer to the fp64
-    # truth than fp32 LAPACK: the subspaces at most 0.7× LAPACK's distance (measured 0.05–0.45×), which a fallback
-    # to a full fp32 SVD (≈ 1×) would not meet
+    # on the CPU the fallback is the fp64 Gram route (of R after the attempt; without it, of W near square and of R
+    # from a QR far from square), closer to the fp64 truth than fp32 LAPACK: the subspaces at most 0.7× LAPACK's
+    # distance (measured 0.02–0.45×), which a fallback to a full fp32 SVD (≈ 1×) would not meet
     closer = 0.7
     if need != "Vh":
         assert _subspace_gap(got.U.double(), U64) <= closer * _subspace_gap(lapack.U[:, -r:].double(), U64)
