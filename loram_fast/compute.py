@@ -19,11 +19,13 @@ logger = logging.getLogger(__name__)
 
 
 def compute(method: Method, targets: list[LoraTarget], options: dict, backend, progress,
-             per_layer: Optional[list[dict]] = None, gather_full_weights: bool = False) -> list[LayerInit]:
+             per_layer: Optional[list[dict]] = None, gather_full_weights: bool = False,
+             bases: Optional[dict] = None) -> list[LayerInit]:
     """Adapters for every target, read-only. Errors name the module. Methods with a batched form get same-shaped
     weights together; the others run in module order (so seeded randomness matches a layer-by-layer reference).
-    A weight split across ranks goes alone, through :func:`compute_sharded`."""
-    bases: dict = {}
+    A weight split across ranks goes alone, through :func:`compute_sharded`. ``bases``: the methods' cache shared by
+    the layers (LoRAM's bases, MiLoRA's memo of shapes that fell back, ...); a new one per call by default."""
+    bases = {} if bases is None else bases
     inits: list[Optional[LayerInit]] = [None] * len(targets)
     groups: dict = {}
     for i, t in enumerate(targets):
@@ -103,11 +105,12 @@ def _culprits(targets, idx, views) -> str:
 
 def compute_and_write(spec: Method, targets: list[LoraTarget], options: dict, transaction: Transaction, *,
                       progress=True, per_layer: Optional[Callable[[], list[dict]]] = None,
-                      gather_full_weights: bool = False) -> None:
+                      gather_full_weights: bool = False, bases: Optional[dict] = None) -> None:
     """In ``transaction``: put back earlier residuals, compute every target's init (``per_layer()`` first gives
     each layer's extra inputs, e.g. gradients, from the restored model), then write them all. The kernels run on
     ``transaction.backend``. With weights split across ranks, the ranks that share them vote before the
-    transaction ends (all commit or all roll back) and only the first rank shows a progress bar."""
+    transaction ends (all commit or all roll back) and only the first rank shows a progress bar. ``bases``: see
+    :func:`compute`."""
     for t in targets:
         vote = (t.sharding.group, t.weight_view().device) if t.sharding is not None else None
         if vote is not None and all(vote[0] is not g for g, _ in transaction.vote):
@@ -123,7 +126,7 @@ def compute_and_write(spec: Method, targets: list[LoraTarget], options: dict, tr
                 transaction.fold_back(t)
             extra = per_layer() if per_layer is not None else None
             bar.set_postfix_str("compute")
-            inits = compute(spec, targets, options, transaction.backend, bar, extra, gather_full_weights)
+            inits = compute(spec, targets, options, transaction.backend, bar, extra, gather_full_weights, bases)
             logger.info("loram_fast %s: computed %d layers in %.3f s", spec.name, len(targets),
                         time.perf_counter() - start)
             bar.set_postfix_str("write")

@@ -115,11 +115,16 @@ _INJECTING: contextvars.ContextVar = contextvars.ContextVar("loram_fast_injectin
 # layer, the base weights bit for bit. Other methods stay one layer at a time: their residual writes keep a copy of
 # each weight for the rollback, which for a whole injection at once would be a copy of every targeted weight.
 BATCHED_IN_INJECTION = ("loram", "loram_dct")
+# methods whose layer-by-layer inits within one injection share the methods' cache, as one init_model call's layers
+# do: small, bounded entries (LoRAM's bases, one per size; MiLoRA's and MiCA's memo of the shapes whose iteration
+# gave up, so later weights of such a shape skip the attempt). Not CorDA, whose cache holds each layer's covariance
+# inverse (kept for the whole injection, one per layer)
+CACHED_IN_INJECTION = ("loram", "loram_dct", "milora", "mica")
 
 
 def _make_inject_adapter(original):
     def inject_adapter(self, model, *args, **kwargs):
-        state = {"model": model, "storages": None, "batched": []}
+        state = {"model": model, "storages": None, "batched": [], "cache": {}}
         token = _INJECTING.set(state)
         _WARNED.clear()
         try:
@@ -226,9 +231,12 @@ def init_layer(layer, adapter_name: str, method: str, **options) -> None:
         # the adapter parameters peft's update_layer just created are fresh: only a storage the model already held
         # under two names can be shared
         shared = {ptr for ptr, names in _storages().items() if len(names) > 1}
+        state = _INJECTING.get()
+        cache = state["cache"] if state is not None and spec.name in CACHED_IN_INJECTION else None
         with fair_share():
             compute_and_write(spec, [target], options, Transaction(adapter_name, rounded_residual=rounded,
-                                                                   shared_storages=shared), progress=False)
+                                                                   shared_storages=shared), progress=False,
+                              bases=cache)
 
 
 def _checked(layer, adapter_name: str, method: str, options: dict):

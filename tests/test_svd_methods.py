@@ -127,11 +127,13 @@ def test_hook_milora_and_take_over(llama_base):
     assert not getattr(LoraLayer.pissa_init, "_loram_fast_hook", False)
 
 
+@pytest.mark.parametrize("via", ["init_model", "hook"])
 @pytest.mark.parametrize("method", ["milora", "mica"])
-def test_minor_components_skip_the_attempt_after_a_shape_fell_back(method, monkeypatch):
+def test_minor_components_skip_the_attempt_after_a_shape_fell_back(method, via, monkeypatch):
     """Three 400×400 weights with flat bottoms (σ_k ∝ k^-0.5) and one 400×300: the first of each shape tries the
-    iteration and falls back; the other 400×400 ones go to the full SVD at once. Every layer gets LAPACK's minor
-    subspace either way."""
+    iteration and gives up; the other 400×400 ones go to the fallback (the Gram route) at once. Through the peft
+    hook too (mica by the take-over), whose layer-by-layer inits of one injection share that memo. Every layer gets
+    LAPACK's minor subspace either way."""
     import loram_fast.methods.svd as svd_mod
     from loram_fast.ops import topsvd
 
@@ -157,8 +159,15 @@ def test_minor_components_skip_the_attempt_after_a_shape_fell_back(method, monke
 
     monkeypatch.setattr(svd_mod, "bottom_svd_route", spy)
     monkeypatch.setattr(svd_mod, "bottom_svd", lambda *a, **kw: spy(*a, **kw)[0])
-    model = get_peft_model(net, LoraConfig(r=6, lora_alpha=6, target_modules=["0", "1", "2", "3"]))
-    loram_fast.init_model(model, method, progress=False)
+    cfg = dict(r=6, lora_alpha=6, target_modules=["0", "1", "2", "3"])
+    if via == "init_model":
+        model = get_peft_model(net, LoraConfig(**cfg))
+        loram_fast.init_model(model, method, progress=False)
+    else:
+        from conftest import peft_take_over
+
+        with peft_take_over():
+            model = get_peft_model(net, LoraConfig(init_lora_weights=method, **cfg))
     # (shape, attempted, fell back, by the Gram route): later 400×400 weights go to the Gram route of W at once
     assert sorted(calls) == sorted([((400, 400), True, True, True), ((400, 300), True, True, True),
                                     ((400, 400), False, True, True), ((400, 400), False, True, True)])
