@@ -196,8 +196,8 @@ def test_bottom_svd_falls_back_on_a_flat_bottom(m, n, need, attempt):
 def test_by_gram_in_blocks_and_where_it_declines(m, n, monkeypatch):
     """The fp64 Gram route directly: the same triplets whatever the fp64 block size (one row per block, a block
     that does not divide the rows, one block), the last r of the fp64 SVD to fp32 rounding (singular values 1e-6
-    relative, subspaces 1e-5); None on a rank-deficient matrix (bottom values at fp32 noise: the full SVD's choice)
-    and on a device outside ``GRAM_DEVICES``."""
+    relative, subspaces 1e-5); None on a rank-deficient matrix (bottom values at fp32 noise: the full SVD's choice),
+    on a device outside ``GRAM_DEVICES`` and beyond ``GRAM_MAX_SIDE``."""
     from loram_fast.ops import topsvd
     from loram_fast.ops.topsvd import _by_gram
 
@@ -215,8 +215,11 @@ def test_by_gram_in_blocks_and_where_it_declines(m, n, monkeypatch):
         assert torch.allclose((U * S) @ V.T, (results[0][0] * results[0][1]) @ results[0][2].T, atol=1e-6)
     singular = torch.randn(m, 8, generator=torch.Generator().manual_seed(1)) @ torch.randn(8, n)
     assert _by_gram(singular, r) is None
-    monkeypatch.setattr(topsvd, "GRAM_DEVICES", ("cuda",))
-    assert _by_gram(W, r) is None
+    with monkeypatch.context() as mp:
+        mp.setattr(topsvd, "GRAM_DEVICES", ("cuda",))
+        assert _by_gram(W, r) is None
+    monkeypatch.setattr(topsvd, "GRAM_MAX_SIDE", min(m, n) - 1)
+    assert _by_gram(W, r) is None and topsvd._gram_fallback(W, r, "bottom") is None
 
 
 def test_bottom_svd_at_fp32_noise_leaves_the_gram_route_to_the_full_svd(monkeypatch):

@@ -316,6 +316,9 @@ def bottom_svd_route(W: torch.Tensor, r: int, *, tol: float | None = None, need:
 # devices where the fp64 Gram route replaces the full SVD as the fallback (measured on a 2-core CPU: 0.72–0.79× the
 # time of torch.linalg.svd for 512² to 2048²; on GPUs fp64 throughput varies by card and it has not been measured)
 GRAM_DEVICES = ("cpu",)
+# the longest shorter side of a matrix the route takes: its time against torch.linalg.svd grows with the size (2-core
+# CPU, square: 0.72–0.79× to 2048, 0.84–0.88× at 4096, 1.02× at 6144); beyond, the full SVD
+GRAM_MAX_SIDE = 4096
 # singular values below this fraction of σ_1 are fp32 rounding in W: their vectors are arbitrary, and the Gram
 # route leaves them to the full SVD (the reference's own choice)
 GRAM_FLOOR = 1e-7
@@ -331,8 +334,9 @@ def _by_gram(M: torch.Tensor, r: int, which: str = "bottom", rows_per_block: int
     ``rows_per_block`` entries, never whole.
 
     Returns ``(U, S, V)``: U rows×r, S (r,) descending (as a full SVD orders them), V cols×r, fp32; or None where
-    the route does not apply (a device outside ``GRAM_DEVICES``, or a returned σ ≤ ``GRAM_FLOOR``·σ_1)."""
-    if M.device.type not in GRAM_DEVICES:
+    the route does not apply (a device outside ``GRAM_DEVICES``, a shorter side beyond ``GRAM_MAX_SIDE``, or a
+    returned σ ≤ ``GRAM_FLOOR``·σ_1)."""
+    if M.device.type not in GRAM_DEVICES or min(M.shape) > GRAM_MAX_SIDE:
         return None
     wide = M.shape[0] < M.shape[1]
     X = M.mT if wide else M
@@ -372,7 +376,7 @@ def _gram_fallback(Wf: torch.Tensor, r: int, which: str):
     if not _far_from_square(m, n):
         got = _by_gram(Wf, r, which)
         return None if got is None else (got[0], got[1], got[2].mT.contiguous())
-    if Wf.device.type not in GRAM_DEVICES:
+    if Wf.device.type not in GRAM_DEVICES or min(m, n) > GRAM_MAX_SIDE:  # declined before the QR
         return None
     transposed = m < n
     tall = Wf.mT if transposed else Wf
