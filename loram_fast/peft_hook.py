@@ -11,6 +11,7 @@ the residual on the original base (peft runs the init, then loads the trained A 
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import logging
 
 import torch
@@ -161,19 +162,18 @@ def _init_batched(model, batched: list) -> None:
     options), in module order: what ``init_model`` does, restricted to those layers. A layer peft created but did
     not keep in the model is left alone; a layer listed twice gets its last request."""
     from .compute import compute_and_write
-    from .targets import make_target
     from .transaction import Transaction
 
     found = {id(module): (i, name) for i, (name, module) in enumerate(model.named_modules())}
     last = {(id(item[0]), item[1]): item for item in batched}  # one request per (layer, adapter): the last
     groups: dict = {}
-    for layer, adapter, spec, options, rounded, _ in sorted(last.values(), key=lambda item: found.get(
+    for layer, adapter, spec, options, rounded, checked in sorted(last.values(), key=lambda item: found.get(
             id(item[0]), (-1, ""))[0]):
         if id(layer) not in found:
             logger.debug("loram_fast: a layer peft created during the injection is not in the model; not initialised")
             continue
         key = (adapter, spec.name, rounded, repr(sorted(options.items())))
-        target = make_target(layer, adapter, found[id(layer)][1])
+        target = dataclasses.replace(checked, name=found[id(layer)][1])  # the target the checks made, named
         groups.setdefault(key, (adapter, spec, options, rounded, []))[4].append(target)
     storages = parameters_by_storage(model)
     shared = {ptr for ptr, group in storages.items() if len(group) > 1}
