@@ -219,11 +219,12 @@ def test_same_argument_checks_on_every_path(backend):
 @pytest.mark.parametrize("transposed", [False, True])
 def test_residual_batch_is_one_call_per_weight_bit_for_bit(dtype, kind, transposed, backend):
     """Each row of K formed once for several weights of one shape: the same bits as one loram_residual_ per weight
-    (odd and even m; the same weight twice is two writes in turn)."""
+    (odd and even m; 7 weights: a group of four swept together and three one by one; the same weight twice is two
+    writes in turn, also where it would fall in one group)."""
     _, device = backend
-    for m, n, r in [(37, 1000, 16), (256, 256, 255), (301, 64, 7)]:
-        Ws = [(torch.randn(n, m).T if transposed else torch.randn(m, n)).to(dtype).to(device) for _ in range(3)]
-        coefs = [0.7, -0.2, 1.3]
+    for m, n, r in [(37, 1000, 16), (256, 256, 255), (301, 64, 7), (9, 37, 3)]:
+        Ws = [(torch.randn(n, m).T if transposed else torch.randn(m, n)).to(dtype).to(device) for _ in range(7)]
+        coefs = [0.7, -0.2, 1.3, 0.05, -1.1, 0.3, 2.0]
         expect = [W.clone() for W in Ws]
         for W, c in zip(expect, coefs):
             ops.loram_residual_(W, c, r, ["dst1", "dct2"].index(kind))
@@ -237,6 +238,14 @@ def test_residual_batch_is_one_call_per_weight_bit_for_bit(dtype, kind, transpos
         ops.loram_residual_(once, 0.5, r, 0)
         ops.loram_residual_(once, 0.25, r, 0)
         assert torch.equal(twice, once)
+        got = [W.clone() for W in Ws[:4]]
+        expect = [W.clone() for W in Ws[:4]]
+        order = [0, 1, 0, 2, 3]  # weight 0 twice among the first four
+        ops.loram_residual_batch_([got[i] for i in order], [0.5, -0.3, 0.25, 1.5, 0.9], r, 0)
+        for i, c in zip(order, [0.5, -0.3, 0.25, 1.5, 0.9]):
+            ops.loram_residual_(expect[i], c, r, 0)
+        for g, e in zip(got, expect):
+            assert torch.equal(g, e)
 
 
 def test_residual_batch_refuses_mixed_or_overlapping_weights(backend):
@@ -316,9 +325,10 @@ g = torch.Generator().manual_seed(0)
 W = torch.randn(301, 517, generator=g) * 0.05
 W.view(-1)[:9] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e-40, -1e-39, 3.0e38, 0.0, -0.0, 2e-38])
 W = W.to(torch.bfloat16)
-out = [W.clone(), W.clone(), W.T.contiguous().T]
+out = [W.clone(), W.clone(), W.T.contiguous().T] + [W.clone() for _ in range(5)]
 torch.ops.loram_fast.loram_residual_batch_(out[:2], [0.7, 1e-36], 16, 0)  # 1e-36: subnormal sums
 torch.ops.loram_fast.loram_residual_(out[2], -0.3, 5, 1)
+torch.ops.loram_fast.loram_residual_batch_(out[3:], [0.7, 1e-36, -2.0, 0.1, 3.0], 16, 1)  # four swept together, one alone
 U = W.clone()
 torch.ops.loram_fast.lowrank_update_(U, torch.randn(301, 4, generator=g), torch.randn(4, 517, generator=g), 0.3)
 M = (torch.randn(37, 5003, generator=g) * 0.05).to(torch.bfloat16)  # rows across the fp64 flush, odd tails
