@@ -148,6 +148,27 @@ def test_dispatch_forced_backend(monkeypatch):
     assert dispatch.resolve("weight_moments", "cpu")[0] == "torch"
 
 
+def test_dispatch_remembers_the_automatic_choice_until_an_op_is_registered(monkeypatch):
+    """resolve remembers its automatic choice per op and device type; a new registration is seen at once, and a
+    forced backend (argument or LORAM_FAST_BACKEND) is never answered from the memory."""
+    op = "test_only_op"
+    monkeypatch.setitem(dispatch._IMPLS, op, {})
+    first, second = (lambda: "torch impl"), (lambda: "cpu-ext impl")
+    dispatch.register(op, "torch")(first)
+    assert dispatch.resolve(op, "cpu") == ("torch", first)
+    assert dispatch.resolve(op, torch.device("cpu")) == ("torch", first)
+    if backends()["cpu-ext"] is True:  # the compiled backend comes first on the CPU
+        dispatch.register(op, "cpu-ext")(second)
+        assert dispatch.resolve(op, "cpu") == ("cpu-ext", second)
+        monkeypatch.setenv("LORAM_FAST_BACKEND", "torch")
+        assert dispatch.resolve(op, "cpu") == ("torch", first)
+        monkeypatch.delenv("LORAM_FAST_BACKEND")
+        assert dispatch.resolve(op, "cpu", "torch") == ("torch", first)
+        assert dispatch.resolve(op, "cpu") == ("cpu-ext", second)
+    monkeypatch.undo()
+    dispatch._RESOLVED.clear()
+
+
 def test_moments_large_mean_uses_stable_path():
     W = 100.0 + 1e-3 * torch.randn(300, 200, dtype=torch.float64)
     m = weight_moments(W.float())

@@ -41,6 +41,8 @@ WRITES_CANNOT_FAIL = ("cpu-ext", "cuda")
 
 # op name -> backend -> implementation
 _IMPLS: dict[str, dict[str, Callable]] = {}
+# (op, device type) -> what _automatic chose: the probes are cached for the process, and register() empties this
+_RESOLVED: dict[tuple[str, str], tuple[str, Callable]] = {}
 
 
 def register(op: str, *backends: str):
@@ -52,6 +54,7 @@ def register(op: str, *backends: str):
     def deco(fn):
         for backend in backends:
             _IMPLS.setdefault(op, {})[backend] = _on_input_device(fn) if backend in ("triton", "cuda") else fn
+        _RESOLVED.clear()
         return fn
 
     return deco
@@ -154,8 +157,14 @@ def _forced(backend: str | None) -> str | None:
 
 def resolve(op: str, device: torch.device | str, backend: str | None = None) -> tuple[str, Callable]:
     """(backend name, implementation) for ``op`` on tensors living on ``device``."""
-    device = torch.device(device)
     forced = _forced(backend)
+    if forced is None:  # the common case, several times per layer: remembered per op and device type
+        kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+        found = _RESOLVED.get((op, kind))
+        if found is None:
+            found = _RESOLVED[(op, kind)] = _automatic(op, torch.device(kind))
+        return found
+    device = torch.device(device)
     if forced is not None:
         ok = _probe(forced)
         if ok is not True:
