@@ -220,9 +220,12 @@ inline uint16_t round_bf16_bits(float y) {
   return static_cast<uint16_t>(y != y ? 0x7FC0u : rounded);
 }
 
+// One entry of a bf16 row: w + a · k in fp32, rounded once.
+inline uint16_t bf16_axpy(uint16_t w, float a, float k) { return round_bf16_bits(bf16_bits_to_float(w) + a * k); }
+
 // (element by element: the compiler vectorises this form better than explicit 8-lane vectors, 2.2× here)
 LORAM_FAST_CLONES void axpy_row_bf16(uint16_t* __restrict row, const float* __restrict p, int64_t n, float a) {
-  for (int64_t j = 0; j < n; ++j) row[j] = round_bf16_bits(bf16_bits_to_float(row[j]) + a * p[j]);
+  for (int64_t j = 0; j < n; ++j) row[j] = bf16_axpy(row[j], a, p[j]);
 }
 
 LORAM_FAST_CLONES void axpy_row_f32(float* row, const float* p, int64_t n, float a) {
@@ -233,7 +236,7 @@ LORAM_FAST_CLONES void axpy_row_f32(float* row, const float* p, int64_t n, float
 // reversed: K(m−1−i, n−1−j) = K(i, j)). The row is walked forward, p (in L1) backward: a forward stream is what
 // the hardware prefetchers follow best.
 LORAM_FAST_CLONES void axpy_reversed_bf16(uint16_t* __restrict row, const float* __restrict p, int64_t n, float a) {
-  for (int64_t j = 0; j < n; ++j) row[j] = round_bf16_bits(bf16_bits_to_float(row[j]) + a * p[n - 1 - j]);
+  for (int64_t j = 0; j < n; ++j) row[j] = bf16_axpy(row[j], a, p[n - 1 - j]);
 }
 
 LORAM_FAST_CLONES void axpy_reversed_f32(float* __restrict row, const float* __restrict p, int64_t n, float a) {
@@ -245,9 +248,6 @@ LORAM_FAST_CLONES void axpy_reversed_f32(float* __restrict row, const float* __r
 // rows instead of once per row (a microbenchmark of 20 bf16 2048×5632 weights: one row at a time ~1.4× the time of
 // an in-place pass with p in L2, at its speed with p in L1; four rows per read of p from L2: at its speed again).
 constexpr int kGroup = 4;
-
-inline uint16_t bf16_axpy(uint16_t w, float a, float k) { return round_bf16_bits(bf16_bits_to_float(w) + a * k); }
-inline float f32_axpy(float w, float a, float k) { return kmath::add_scaled(w, a, k); }
 
 #define LORAM_FAST_AXPY4(name, T, UPDATE, INDEX)                                                            \
   LORAM_FAST_CLONES void name(T* __restrict r0, T* __restrict r1, T* __restrict r2, T* __restrict r3,          \
@@ -262,8 +262,8 @@ inline float f32_axpy(float w, float a, float k) { return kmath::add_scaled(w, a
   }
 LORAM_FAST_AXPY4(axpy4_bf16, uint16_t, bf16_axpy, j)
 LORAM_FAST_AXPY4(axpy4_reversed_bf16, uint16_t, bf16_axpy, n - 1 - j)
-LORAM_FAST_AXPY4(axpy4_f32, float, f32_axpy, j)
-LORAM_FAST_AXPY4(axpy4_reversed_f32, float, f32_axpy, n - 1 - j)
+LORAM_FAST_AXPY4(axpy4_f32, float, kmath::add_scaled<float>, j)
+LORAM_FAST_AXPY4(axpy4_reversed_f32, float, kmath::add_scaled<float>, n - 1 - j)
 #undef LORAM_FAST_AXPY4
 
 template <typename scalar_t>
@@ -304,38 +304,6 @@ LORAM_FAST_BF16_TARGET inline void axpy16_bf16_hw(uint16_t* row, __m512 av, __m5
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(row), round_bf16_hw(_mm512_fmadd_ps(av, k, load_bf16_hw(row))));
 }
 
-// ``next`` (or null): a row to be updated after this one, whose cache lines are asked for (for writing) as the
-// same lines of this row are updated: one prefetch per 64 bytes, spread over the row.
-LORAM_FAST_BF16_TARGET void axpy_row_bf16_hw(uint16_t* __restrict row, const float* __restrict p, int64_t n,
-                                             float a, const char* next) {
-  const __m512 av = _mm512_set1_ps(a);
-  int64_t j = 0;
-  if (next != nullptr)
-    for (; j + 32 <= n; j += 32) {
-      __builtin_prefetch(next + 2 * j, 1, 3);
-      axpy16_bf16_hw(row + j, av, _mm512_loadu_ps(p + j));
-      axpy16_bf16_hw(row + j + 16, av, _mm512_loadu_ps(p + j + 16));
-    }
-  for (; j + 16 <= n; j += 16) axpy16_bf16_hw(row + j, av, _mm512_loadu_ps(p + j));
-  for (; j < n; ++j) row[j] = round_bf16_bits(bf16_bits_to_float(row[j]) + a * p[j]);
-}
-
-LORAM_FAST_BF16_TARGET void axpy_reversed_bf16_hw(uint16_t* __restrict row, const float* __restrict p, int64_t n,
-                                                  float a, const char* next) {
-  const __m512 av = _mm512_set1_ps(a);
-  const __m512i rev = _mm512_set_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  // row[j .. j+15] += a · reversed(p[n−16−j .. n−1−j])
-  int64_t j = 0;
-  if (next != nullptr)
-    for (; j + 32 <= n; j += 32) {
-      __builtin_prefetch(next + 2 * j, 1, 3);
-      axpy16_bf16_hw(row + j, av, _mm512_permutexvar_ps(rev, _mm512_loadu_ps(p + n - 16 - j)));
-      axpy16_bf16_hw(row + j + 16, av, _mm512_permutexvar_ps(rev, _mm512_loadu_ps(p + n - 32 - j)));
-    }
-  for (; j + 16 <= n; j += 16) axpy16_bf16_hw(row + j, av, _mm512_permutexvar_ps(rev, _mm512_loadu_ps(p + n - 16 - j)));
-  for (; j < n; ++j) row[j] = round_bf16_bits(bf16_bits_to_float(row[j]) + a * p[n - 1 - j]);
-}
-
 // p[j .. j+15], or reversed: reversed(p[n−16−j .. n−1−j])
 LORAM_FAST_BF16_TARGET inline __m512 k16_hw(const float* p, int64_t n, int64_t j, bool reversed) {
   if (!reversed) return _mm512_loadu_ps(p + j);
@@ -343,29 +311,31 @@ LORAM_FAST_BF16_TARGET inline __m512 k16_hw(const float* p, int64_t n, int64_t j
   return _mm512_permutexvar_ps(rev, _mm512_loadu_ps(p + n - 16 - j));
 }
 
-// kGroup bf16 rows of different weights against one row p of K (``reversed``: p[n−1−j]), 16 entries of p loaded once
-// for all of them; ``next`` (kGroup pointers, or null): the rows updated after these, asked for as these are updated.
-LORAM_FAST_BF16_TARGET void axpy4_bf16_hw(uint16_t* const* rows, const float* __restrict p, int64_t n, const float* a,
-                                          const char* const* next, bool reversed) {
-  __m512 av[kGroup];
-  for (int g = 0; g < kGroup; ++g) av[g] = _mm512_set1_ps(a[g]);
+// G bf16 rows (of different weights when G > 1) against one row p of K: rows[g][j] += a[g] · p[j] (``reversed``:
+// p[n−1−j]), each 16 entries of p loaded once for all G rows. ``next`` (G pointers, or null): rows to be updated after
+// these, whose cache lines are asked for (for writing) as the same lines of these are updated: one prefetch per 64
+// bytes, spread over the row.
+template <int G>
+LORAM_FAST_BF16_TARGET void axpy_rows_bf16_hw(uint16_t* const* rows, const float* __restrict p, int64_t n,
+                                              const float* a, const char* const* next, bool reversed) {
+  __m512 av[G];
+  for (int g = 0; g < G; ++g) av[g] = _mm512_set1_ps(a[g]);
   int64_t j = 0;
   for (; j + 32 <= n; j += 32) {
     if (next != nullptr)
-      for (int g = 0; g < kGroup; ++g) __builtin_prefetch(next[g] + 2 * j, 1, 3);
+      for (int g = 0; g < G; ++g) __builtin_prefetch(next[g] + 2 * j, 1, 3);
     const __m512 k0 = k16_hw(p, n, j, reversed), k1 = k16_hw(p, n, j + 16, reversed);
-    for (int g = 0; g < kGroup; ++g) {
+    for (int g = 0; g < G; ++g) {
       axpy16_bf16_hw(rows[g] + j, av[g], k0);
       axpy16_bf16_hw(rows[g] + j + 16, av[g], k1);
     }
   }
   for (; j + 16 <= n; j += 16) {
     const __m512 k0 = k16_hw(p, n, j, reversed);
-    for (int g = 0; g < kGroup; ++g) axpy16_bf16_hw(rows[g] + j, av[g], k0);
+    for (int g = 0; g < G; ++g) axpy16_bf16_hw(rows[g] + j, av[g], k0);
   }
   for (; j < n; ++j)
-    for (int g = 0; g < kGroup; ++g)
-      rows[g][j] = round_bf16_bits(bf16_bits_to_float(rows[g][j]) + a[g] * p[reversed ? n - 1 - j : j]);
+    for (int g = 0; g < G; ++g) rows[g][j] = bf16_axpy(rows[g][j], a[g], p[reversed ? n - 1 - j : j]);
 }
 
 // Sum and sum of squares of a contiguous bf16 row with 16-lane vectors: the order of LORAM_FAST_ROW_SUMS_BODY
@@ -457,8 +427,10 @@ template <typename scalar_t>
 inline void axpy_row(scalar_t* row, int64_t stride, const float* p, int64_t n, float a, bool reversed = false,
                      const char* next = nullptr) {
 #ifdef LORAM_FAST_BF16_HW
-  if (stride == 1 && std::is_same<scalar_t, at::BFloat16>::value && bf16_hw())
-    return (reversed ? axpy_reversed_bf16_hw : axpy_row_bf16_hw)(reinterpret_cast<uint16_t*>(row), p, n, a, next);
+  if (stride == 1 && std::is_same<scalar_t, at::BFloat16>::value && bf16_hw()) {
+    uint16_t* r = reinterpret_cast<uint16_t*>(row);
+    return axpy_rows_bf16_hw<1>(&r, p, n, &a, next != nullptr ? &next : nullptr, reversed);
+  }
 #endif
   if (next == nullptr || stride != 1) return axpy_row_plain(row, stride, p, n, a, reversed);
   // the compiler-vectorised loops in chunks, each after a prefetch of the same chunk of the next row
@@ -482,7 +454,7 @@ inline void axpy_rows(scalar_t* const* rows, int64_t stride, const float* p, int
   }
 #ifdef LORAM_FAST_BF16_HW
   if (bf16 && bf16_hw())
-    return axpy4_bf16_hw(reinterpret_cast<uint16_t* const*>(rows), p, n, a, next, reversed);
+    return axpy_rows_bf16_hw<kGroup>(reinterpret_cast<uint16_t* const*>(rows), p, n, a, next, reversed);
 #endif
   // the compiler-vectorised loops in chunks, each after a prefetch of the same chunk of the next rows
   const int64_t chunk = next == nullptr ? n : kPrefetchChunk / static_cast<int64_t>(sizeof(scalar_t));
