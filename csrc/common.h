@@ -109,6 +109,54 @@ inline void check_moments(const at::Tensor& W) {
   TORCH_CHECK(W.dim() == 2, "loram_fast.row_moments: W must be 2-D");
 }
 
+inline void check_moments_batch(at::TensorList Ws) {
+  for (const auto& W : Ws) {
+    TORCH_CHECK(W.dim() == 2, "loram_fast.weights_moments: every weight must be 2-D, got ", W.sizes());
+    TORCH_CHECK(W.scalar_type() == Ws[0].scalar_type() && W.device() == Ws[0].device(),
+                "loram_fast.weights_moments: every weight needs the first one's dtype and device; got ",
+                W.scalar_type(), " vs ", Ws[0].scalar_type());
+  }
+}
+
+// scale_rounded_ of several (out, src) pairs at once: every pair passes check_scale_rounded, no two outs share memory,
+// and no out overlaps another pair's src (its own src only when it is the same memory: in place). The stores of one
+// pair then never change what another pair reads or writes, in any order.
+inline void check_scale_rounded_batch(at::TensorList outs, at::TensorList srcs, at::ArrayRef<double> alphas,
+                                      int64_t code) {
+  TORCH_CHECK(outs.size() == srcs.size() && outs.size() == alphas.size(), "loram_fast.scale_rounded_batch_: ",
+              outs.size(), " outputs, ", srcs.size(), " sources and ", alphas.size(), " factors");
+  using Span = std::pair<uintptr_t, uintptr_t>;
+  auto span = [](const at::Tensor& t) {
+    const auto start = reinterpret_cast<uintptr_t>(t.data_ptr());
+    return Span(start, start + static_cast<uintptr_t>(t.numel()) * 4);
+  };
+  std::vector<Span> out_spans, src_spans;
+  for (size_t i = 0; i < outs.size(); ++i) {
+    check_scale_rounded(outs[i], srcs[i], code);
+    if (outs[i].numel() == 0) continue;
+    out_spans.push_back(span(outs[i]));
+    src_spans.push_back(span(srcs[i]));
+  }
+  std::vector<Span> sorted = out_spans;
+  std::sort(sorted.begin(), sorted.end());
+  for (size_t b = 1; b < sorted.size(); ++b)
+    TORCH_CHECK(sorted[b].first >= sorted[b - 1].second, "loram_fast.scale_rounded_batch_: two outputs share memory");
+  std::vector<Span> sources = src_spans;  // distinct sources (layers of one shape share their basis)
+  std::sort(sources.begin(), sources.end());
+  sources.erase(std::unique(sources.begin(), sources.end()), sources.end());
+  for (size_t i = 0; i < out_spans.size(); ++i) {
+    const Span& o = out_spans[i];
+    for (const Span& q : sources) {
+      if (q.first >= o.second || o.first >= q.second || q == src_spans[i]) continue;
+      TORCH_CHECK(false, "loram_fast.scale_rounded_batch_: an output overlaps the source of another pair");
+    }
+    // an output in place on its own source must not be another pair's source as well
+    if (o == src_spans[i])
+      TORCH_CHECK(std::count(src_spans.begin(), src_spans.end(), o) == 1,
+                  "loram_fast.scale_rounded_batch_: an output in place on its source is another pair's source too");
+  }
+}
+
 // A column-major view (a GPT-2 Conv1D weight seen as out×in) is processed as its stored, row-major transpose:
 // true when W should be transposed first. For a low-rank update W += a·B·A the transpose is Wᵀ += a·Aᵀ·Bᵀ; the
 // LoRAM product V_r U_rᵀ transposes to U_r V_rᵀ, the same formula with the roles of m and n swapped.

@@ -10,6 +10,9 @@ TORCH_LIBRARY(loram_fast, m) {
   // Per-row sum and sum of squares of W (m×n, any strides; fastest with contiguous rows), fp32 outputs, accumulated
   // in fp32 lanes flushed to fp64 every 4096 entries.
   m.def("row_moments(Tensor W) -> (Tensor, Tensor)");
+  // Totals of several 2-D weights of one dtype and device (count×2 fp64: sum, sum of squares): row_moments's fp32
+  // partials, added in fp64 in row order. CPU only.
+  m.def("weights_moments(Tensor[] weights) -> Tensor");
   // W += alpha * B @ A in place (W m×n in its own dtype, B m×r and A r×n any float dtype), fp32 math, one rounding.
   m.def("lowrank_update_(Tensor(a!) W, Tensor B, Tensor A, float alpha) -> ()");
   // W -= coef * V_r @ U_r^T in place (V_r, U_r the first r basis vectors of lengths m and n): the closed form of
@@ -25,6 +28,9 @@ TORCH_LIBRARY(loram_fast, m) {
   // out = alpha * src in fp32, rounded (nearest even) to dtype `code` (0: fp32, 1: bf16, 2: fp16) and held in fp32:
   // `(src * alpha).to(dtype).to(fp32)` in one pass (out, src: fp32, contiguous, one shape, not overlapping).
   m.def("scale_rounded_(Tensor(a!) out, Tensor src, float alpha, int code) -> ()");
+  // scale_rounded_ of several pairs (outs pairwise disjoint, none overlapping another pair's src), every check made
+  // before the first store. CPU only.
+  m.def("scale_rounded_batch_(Tensor(a!)[] outs, Tensor[] srcs, float[] alphas, int code) -> ()");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

@@ -47,7 +47,9 @@ def compute(method: Method, targets: list[LoraTarget], options: dict, backend, p
                 results = method.init_batch(views, targets[idx[0]].r, [targets[i].scaling for i in idx],
                                             backend=backend, bases=bases, **options)
             except (ValueError, TypeError) as exc:
-                raise type(exc)(f"{_culprits(targets, idx, views)}: {exc}") from exc
+                bad = getattr(exc, "batch_index", None)
+                who = targets[idx[bad]].describe() if bad is not None else _culprits(targets, idx, views)
+                raise type(exc)(f"{who}: {exc}") from exc
             for i, res in zip(idx, results):
                 inits[i] = res
             progress.update(len(idx))

@@ -43,7 +43,9 @@ class Method:
     # what needs_data means: "gradient" (per-layer grad), "covariance" (input covariance) or "eva" (input PCA)
     data_kind: str = "gradient"
     reference: str = ""  # where the published math comes from
-    # optional batched form: (list of same-shaped W, r, list of scalings, **same kwargs) -> list of LayerInit
+    # optional batched form: (list of same-shaped W, r, list of scalings, **same kwargs) -> list of LayerInit; a
+    # ValueError / TypeError about one weight may carry its position in the list as ``batch_index`` (the error then
+    # names that module)
     init_batch: Optional[Callable] = None
     middle: bool = False  # adds an r×r matrix N between A and B (three-matrix methods)
     # optional form for a weight split across ranks: (MatrixOperator, r, scaling, *, backend, bases, **options) ->
@@ -170,11 +172,16 @@ def _loram_method(name: str, kind: str, description: str) -> Method:
         return _loram.loram_factors(W, r, scaling, kind=kind, allow_zero_adapter=allow_zero_adapter, bases=bases,
                                     backend=backend, round_to=W.dtype, deferred=True)
 
+    def init_batch(views, r, scalings, *, backend=None, bases=None, allow_zero_adapter=False):
+        return _loram.loram_factors_batch(views, r, scalings, kind=kind, allow_zero_adapter=allow_zero_adapter,
+                                          bases=bases, backend=backend, round_to=views[0].dtype, deferred=True)
+
     def init_sharded(op, r, scaling, *, backend=None, bases=None, allow_zero_adapter=False):
         return _loram.loram_factors_sharded(op, r, scaling, kind=kind, allow_zero_adapter=allow_zero_adapter,
                                             bases=bases, backend=backend, round_to=op.dtype)
 
-    return Method(name=name, init=init, init_sharded=init_sharded, residual=True, description=description,
+    return Method(name=name, init=init, init_batch=init_batch, init_sharded=init_sharded, residual=True,
+                  description=description,
                   options={"allow_zero_adapter": _opt.boolean()}, check=_loram.check_loram,
                   reference="zhangzc21/LoRAM layer.py (loram_init, fast_dst_matrix); arXiv 2507.06558")
 

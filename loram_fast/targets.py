@@ -86,11 +86,12 @@ def _layer_kind(layer, adapter: str) -> str:
 def make_target(layer, adapter: str, name: str = "") -> LoraTarget:
     fan_in_fan_out = bool(getattr(layer, "fan_in_fan_out", False))
     name = name or type(layer).__name__
+    base = layer.get_base_layer()
     try:
-        sharding = sharding_of(layer.get_base_layer().weight, transposed=fan_in_fan_out)
+        sharding = sharding_of(base.weight, transposed=fan_in_fan_out)
     except NotImplementedError as exc:
         raise NotImplementedError(f"{exc} (module {name!r})") from None
-    return LoraTarget(
+    target = LoraTarget(
         name=name,
         layer=layer,
         kind=_layer_kind(layer, adapter),
@@ -99,6 +100,8 @@ def make_target(layer, adapter: str, name: str = "") -> LoraTarget:
         fan_in_fan_out=fan_in_fan_out,
         sharding=sharding,
     )
+    target.__dict__["_base_layer"] = base  # looked up once (see LoraTarget.base_layer)
+    return target
 
 
 def default_adapter(model: nn.Module) -> str:
@@ -115,59 +118,78 @@ def default_adapter(model: nn.Module) -> str:
     raise ValueError("loram_fast.init_model: the model holds no peft LoRA layers (wrap it with get_peft_model first)")
 
 
+def walk_modules(model: nn.Module):
+    """``model.named_modules(remove_duplicate=False)``: every path to every module, depth first, children in
+    registration order; from one loop over a stack instead of one generator per level (a peft model has ~10
+    modules per LoRA layer, and the walk runs once per call)."""
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        name, module = stack.pop()
+        yield name, module
+        children = module._modules
+        if children:
+            prefix = name + "." if name else ""
+            for key in reversed(children):  # popped in registration order
+                child = children[key]
+                if child is not None:
+                    stack.append((prefix + key, child))
+
+
 def find_lora_layers(model: nn.Module, adapter: str, storages: Optional[dict[int, list[str]]] = None
                      ) -> list[LoraTarget]:
     """Every peft LoRA layer of ``model`` that has ``adapter``, in module order. ``storages``: a dict that
-    receives :func:`parameters_by_storage` of the model, from the same walk over its modules."""
+    receives :func:`parameters_by_storage` of the model, from the same walk over its modules.
+
+    A module reached by several paths is a target once, under its first path (:func:`walk_modules`)."""
     LoraLayer = _lora_layer_cls()
+    is_lora: dict[type, bool] = {}  # issubclass per module class, asked once
     targets = []
     seen: set[int] = set()
-    # every path to every module (tied parameters under each of their names), a module's first path naming it
-    for name, module in model.named_modules(remove_duplicate=False):
-        if storages is not None:
+    for name, module in walk_modules(model):
+        if storages is not None and module._parameters:
             _add_parameters(storages, module, name)
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
-        if isinstance(module, LoraLayer) and adapter in module.r:
-            targets.append(make_target(module, adapter, name))
+        cls = type(module)
+        lora = is_lora.get(cls)
+        if lora is None:
+            lora = is_lora[cls] = issubclass(cls, LoraLayer)
+        if lora and id(module) not in seen:
+            seen.add(id(module))
+            if adapter in module.r:
+                targets.append(make_target(module, adapter, name))
     return targets
 
 
 def validate(method: Method, target: LoraTarget, adapter: str, options: dict, *, in_init_model: bool = True,
              gather_full_weights: bool = False) -> None:
     """Raise a clear error when ``method`` cannot initialise ``target``; writes nothing."""
-    where = target.describe()
     if target.kind not in method.layer_kinds:
         raise NotImplementedError(f"loram_fast: method {method.name!r} does not support peft LoRA layers of kind "
-                                  f"{target.kind!r} ({where}); supported: {', '.join(method.layer_kinds)}. "
-                                  "Leave this module out of target_modules.")
+                                  f"{target.kind!r} ({target.describe()}); supported: "
+                                  f"{', '.join(method.layer_kinds)}. Leave this module out of target_modules.")
     W = target.weight
     if W.device.type == "meta":
-        raise ValueError(f"loram_fast: the base weight of {where} is on the meta device (offloaded or not yet "
-                         "loaded); load the weights onto a real device before initialising")
+        raise ValueError(f"loram_fast: the base weight of {target.describe()} is on the meta device (offloaded or not "
+                         "yet loaded); load the weights onto a real device before initialising")
     if type(W).__name__ in _QUANTIZED_PARAMS or W.dtype not in _FLOAT_DTYPES or hasattr(W, "quant_state"):
-        raise TypeError(f"loram_fast: the base weight of {where} has dtype {W.dtype} ({type(W).__name__}); method "
-                        f"{method.name!r} needs an fp32, fp16 or bf16 weight. Initialise on the unquantized model "
-                        "and quantize the residual afterwards.")
+        raise TypeError(f"loram_fast: the base weight of {target.describe()} has dtype {W.dtype} "
+                        f"({type(W).__name__}); method {method.name!r} needs an fp32, fp16 or bf16 weight. Initialise "
+                        "on the unquantized model and quantize the residual afterwards.")
     if W.dim() != 2:
-        raise NotImplementedError(f"loram_fast: {where} has a {W.dim()}-D weight; method {method.name!r} "
-                                  "supports 2-D weights")
+        raise NotImplementedError(f"loram_fast: {target.describe()} has a {W.dim()}-D weight; method "
+                                  f"{method.name!r} supports 2-D weights")
     dora = target.layer.use_dora.get(adapter, False)
     if dora and method.middle:
-        raise NotImplementedError(f"loram_fast: {where} uses DoRA, which has no place for the r×r middle matrix of "
-                                  f"method {method.name!r} (DoRA would ignore it); use use_dora=False")
+        raise NotImplementedError(f"loram_fast: {target.describe()} uses DoRA, which has no place for the r×r middle "
+                                  f"matrix of method {method.name!r} (DoRA would ignore it); use use_dora=False")
     if target.sharding is not None:
         _validate_sharded(method, target, options, gather_full_weights)
     if in_init_model:
         if adapter in getattr(target.layer, "merged_adapters", []):
-            raise ValueError(f"loram_fast: adapter {adapter!r} is merged into {where}; unmerge it first")
+            raise ValueError(f"loram_fast: adapter {adapter!r} is merged into {target.describe()}; unmerge it first")
     if method.check is not None:
         problem = method.check(target.shape, target.r, **options)
         if problem:
-            raise ValueError(f"loram_fast: {where}, method {method.name!r}: {problem}")
-
-
+            raise ValueError(f"loram_fast: {target.describe()}, method {method.name!r}: {problem}")
 
 
 def _validate_sharded(method: Method, target: LoraTarget, options: dict, gather: bool) -> None:
@@ -197,7 +219,7 @@ def writes_peft_residual(init_lora_weights) -> bool:
 def parameters_by_storage(model: nn.Module) -> dict[int, list[str]]:
     """Every parameter name of ``model`` (tied ones under each of their names), grouped by storage."""
     storages: dict[int, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
+    for name, module in walk_modules(model):
         _add_parameters(storages, module, name)
     return storages
 

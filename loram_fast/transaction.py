@@ -46,7 +46,7 @@ from .ops.norms import lowrank_row_norms
 from .ops import memory
 from .ops.residual import (BasisResidual, LowRankResidual, Residual, apply_residual, apply_residuals,
                            write_cannot_fail)
-from .ops.rounding import ScaledRounded, scale_rounded
+from .ops.rounding import ScaledRounded, form_all, formable_together, scale_rounded
 from .ops.sharded import Sharding, all_reduce, any_rank, is_dtensor, local_part, local_tensor
 from .targets import LoraTarget
 
@@ -312,13 +312,16 @@ class Transaction:
         error log says so) and no adapter has been touched."""
         pending, self._pending = self._pending, []
         adapters, self._pending_adapters = self._pending_adapters, []
-        in_place = []
-        for target, name, param, value, ptr in adapters:  # a parameter whose memory changed since (a later write of
-            # it, which wins, as in order) is checked again; what no longer passes is stored the ordinary way, undoably
-            if param.data.data_ptr() == ptr or self._in_place(param, value):
-                in_place.append((param.data, value))
-            else:
-                self._set_adapter(target, name, value.tensor(self.backend), owned=True, as_is=True)
+        in_place, ordinary = [], []
+        for item in adapters:  # a parameter whose memory changed since (a later write of it, which wins, as in
+            # order) is checked again; what no longer passes is stored the ordinary way, undoably
+            target, name, param, value, ptr = item
+            (in_place if param.data.data_ptr() == ptr or self._in_place(param, value) else ordinary).append(item)
+        if in_place and not formable_together([(item[2].data, item[3]) for item in in_place]):
+            ordinary, in_place = adapters, []  # one call could not form them all: each the ordinary way, in order
+        for target, name, param, value, _ in ordinary:
+            self._set_adapter(target, name, value.tensor(self.backend), owned=True, as_is=True)
+        in_place = [(param.data, value) for _, _, param, value, _ in in_place]
         if not pending and not in_place:
             return
         done: list[tuple[torch.Tensor, Residual]] = []  # (weight view, residual) of the completed writes
@@ -335,8 +338,8 @@ class Transaction:
             if pending:
                 apply_residuals([(target.weight_view(), residual) for target, residual in pending], -1.0,
                                 backend=self.backend, done=done)
-            for data, value in in_place:
-                value.form_into(data, self.backend)
+            if in_place:
+                form_all(in_place, self.backend)
         if held:
             self._held_sigint = held[0]
 

@@ -281,24 +281,23 @@ def test_ctrl_c_while_adapters_are_formed_completes_the_init_then_interrupts(lla
     import os
     import signal
 
-    from loram_fast.ops.rounding import ScaledRounded
+    import loram_fast.transaction as transaction
 
     model = _peft(copy.deepcopy(llama_base).to(torch.bfloat16))
     clean = _peft(copy.deepcopy(llama_base).to(torch.bfloat16))
     loram_fast.init_model(clean, "loram", progress=False)
-    original = ScaledRounded.form_into
-    calls = {"n": 0}
+    original = transaction.form_all
+    formed = []
 
-    def interrupted(self, out, backend=None):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            os.kill(os.getpid(), signal.SIGINT)  # arrives while the adapters are being formed
-        return original(self, out, backend)
+    def interrupted(pairs, backend=None):
+        formed.append(len(pairs))
+        os.kill(os.getpid(), signal.SIGINT)  # arrives while the adapters are being formed
+        return original(pairs, backend)
 
-    monkeypatch.setattr(ScaledRounded, "form_into", interrupted)
+    monkeypatch.setattr(transaction, "form_all", interrupted)
     with pytest.raises(KeyboardInterrupt):
         loram_fast.init_model(model, "loram", progress=False)
-    assert calls["n"] == 12
+    assert formed == [12]  # every adapter, in one call
     assert_same(model, full_state(clean))
 
 

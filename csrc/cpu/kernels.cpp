@@ -498,6 +498,49 @@ std::tuple<at::Tensor, at::Tensor> row_moments(const at::Tensor& W) {
   return {sums, sqs};
 }
 
+// Totals of several weights (count×2 fp64: sum, sum of squares): row_moments's fp32 partials of every row of every
+// weight in one parallel region, then each weight's partials added in fp64 in row order. Each weight is read as it is
+// (a column-major view by columns: the caller passes row-major views, see layout.row_major).
+at::Tensor weights_moments(at::TensorList Ws) {
+  check_moments_batch(Ws);
+  const int64_t count = static_cast<int64_t>(Ws.size());
+  at::Tensor out = at::zeros({count, 2}, at::TensorOptions().dtype(at::kDouble));
+  if (count == 0) return out;
+  std::vector<int64_t> first(count + 1, 0);  // first[b]: index of weight b's row 0 among all rows
+  int64_t widest = 1;
+  for (int64_t b = 0; b < count; ++b) {
+    first[b + 1] = first[b] + Ws[b].size(0);
+    widest = std::max<int64_t>(widest, Ws[b].size(1));
+  }
+  std::vector<float> parts(static_cast<size_t>(first[count]) * 2);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, Ws[0].scalar_type(), "weights_moments", [&] {
+    std::vector<const scalar_t*> w(count);
+    for (int64_t b = 0; b < count; ++b) w[b] = Ws[b].data_ptr<scalar_t>();
+    at::parallel_for(0, first[count], std::max<int64_t>(1, 16384 / widest), [&](int64_t begin, int64_t end) {
+      int64_t b = std::upper_bound(first.begin(), first.end(), begin) - first.begin() - 1;
+      for (int64_t x = begin; x < end; ++x) {
+        while (x >= first[b + 1]) ++b;
+        const at::Tensor& W = Ws[b];
+        double s, q;
+        row_sums(w[b] + (x - first[b]) * W.stride(0), W.size(1), W.stride(1), &s, &q);
+        parts[2 * x] = static_cast<float>(s);
+        parts[2 * x + 1] = static_cast<float>(q);
+      }
+    });
+  });
+  double* po = out.data_ptr<double>();
+  for (int64_t b = 0; b < count; ++b) {
+    double s = 0.0, q = 0.0;
+    for (int64_t x = first[b]; x < first[b + 1]; ++x) {
+      s += static_cast<double>(parts[2 * x]);
+      q += static_cast<double>(parts[2 * x + 1]);
+    }
+    po[2 * b] = s;
+    po[2 * b + 1] = q;
+  }
+  return out;
+}
+
 // W[rows] += alpha * P with P = B[rows] @ A (BLAS, fp32), one row chunk at a time (at most ~1M products: a 4 MiB
 // fp32 temporary). fp32 W: BLAS updates it in place. bf16/fp16 W: one fused pass reads W and P and writes W
 // rounded once (kmath::add_scaled, as the CUDA kernel writes).
@@ -794,42 +837,81 @@ void stream_block(float* out, const float* block, int64_t n) {
 }
 #endif
 
-void scale_rounded_(at::Tensor out, const at::Tensor& src, double alpha, int64_t code) {
-  check_scale_rounded(out, src, code);
-  TORCH_CHECK(out.device().is_cpu(), "loram_fast.scale_rounded_: expected CPU tensors");
-  float* po = out.data_ptr<float>();
-  const float* ps = src.data_ptr<float>();
-  const float a = static_cast<float>(alpha);
-  const int c = static_cast<int>(code);
+// out[b, e) = scale_rounded(src[b, e)): ``stream``: formed in an L1 block and written with non-temporal stores (the
+// caller fences), else plain stores.
+void scale_rounded_range(float* po, const float* ps, int64_t b, int64_t e, float a, int c, bool stream) {
 #if defined(__x86_64__)
-  static const bool stream_ok = std::getenv("LORAM_FAST_NO_STREAM") == nullptr;
-  if (stream_ok && po != ps && out.numel() * 4 >= kStreamMinBytes) {
-    at::parallel_for(0, out.numel(), 1 << 16, [&](int64_t b, int64_t e) {
-      constexpr int64_t kBlock = 1024;  // 4 KiB
-      alignas(64) float block[kBlock];
-      int64_t j = b;
-      const int64_t head = std::min<int64_t>(e - b, ((64 - reinterpret_cast<uintptr_t>(po + b) % 64) % 64) / 4);
-      scale_rounded_span(po + j, ps + j, head, a, c);  // up to the first 64-byte boundary (floats are 4-aligned)
-      j += head;
-      for (; j + kBlock <= e; j += kBlock) {
-        scale_rounded_span(block, ps + j, kBlock, a, c);
-        stream_block(po + j, block, kBlock);
-      }
-      scale_rounded_span(po + j, ps + j, e - j, a, c);
-      _mm_sfence();
-    });
+  if (stream) {
+    constexpr int64_t kBlock = 1024;  // 4 KiB
+    alignas(64) float block[kBlock];
+    int64_t j = b;
+    const int64_t head = std::min<int64_t>(e - b, ((64 - reinterpret_cast<uintptr_t>(po + b) % 64) % 64) / 4);
+    scale_rounded_span(po + j, ps + j, head, a, c);  // up to the first 64-byte boundary (floats are 4-aligned)
+    j += head;
+    for (; j + kBlock <= e; j += kBlock) {
+      scale_rounded_span(block, ps + j, kBlock, a, c);
+      stream_block(po + j, block, kBlock);
+    }
+    scale_rounded_span(po + j, ps + j, e - j, a, c);
     return;
   }
 #endif
-  at::parallel_for(0, out.numel(), 1 << 16, [&](int64_t b, int64_t e) {
-    scale_rounded_span(po + b, ps + b, e - b, a, c);
+  scale_rounded_span(po + b, ps + b, e - b, a, c);
+}
+
+// Every (out, src, alpha) of the batch in one parallel region over all their entries (each entry as scale_rounded_
+// forms it, so the same bits as one call per pair). Everything is checked before the first store, and nothing after
+// it can fail: the writer forms adapters in their parameters' own memory with it, with no copy to restore.
+void scale_rounded_batch_(at::TensorList outs, at::TensorList srcs, at::ArrayRef<double> alphas, int64_t code) {
+  check_scale_rounded_batch(outs, srcs, alphas, code);
+  for (size_t i = 0; i < outs.size(); ++i)
+    TORCH_CHECK(outs[i].device().is_cpu(), "loram_fast.scale_rounded_batch_: expected CPU tensors");
+  const int64_t count = static_cast<int64_t>(outs.size());
+  const int c = static_cast<int>(code);
+#if defined(__x86_64__)
+  static const bool stream_ok = std::getenv("LORAM_FAST_NO_STREAM") == nullptr;
+#else
+  const bool stream_ok = false;
+#endif
+  std::vector<int64_t> first(count + 1, 0);  // first[i]: index of pair i's entry 0 among all entries
+  std::vector<float*> po(count);
+  std::vector<const float*> ps(count);
+  std::vector<float> a(count);
+  std::vector<char> stream(count);
+  for (int64_t i = 0; i < count; ++i) {
+    first[i + 1] = first[i] + outs[i].numel();
+    po[i] = outs[i].data_ptr<float>();
+    ps[i] = srcs[i].data_ptr<float>();
+    a[i] = static_cast<float>(alphas[i]);
+    // not in place, and large: nothing reads the fresh entries back soon (fp32 adapters of a whole model)
+    stream[i] = stream_ok && po[i] != ps[i] && outs[i].numel() * 4 >= kStreamMinBytes;
+  }
+  at::parallel_for(0, first[count], 1 << 16, [&](int64_t b, int64_t e) {
+    int64_t i = std::upper_bound(first.begin(), first.end(), b) - first.begin() - 1;
+    bool streamed = false;
+    for (; i < count && first[i] < e; ++i) {
+      const int64_t lo = std::max(b, first[i]) - first[i], hi = std::min(e, first[i + 1]) - first[i];
+      if (hi <= lo) continue;
+      scale_rounded_range(po[i], ps[i], lo, hi, a[i], c, stream[i] != 0);
+      streamed = streamed || stream[i] != 0;
+    }
+#if defined(__x86_64__)
+    if (streamed) _mm_sfence();
+#endif
   });
+}
+
+void scale_rounded_(at::Tensor out, const at::Tensor& src, double alpha, int64_t code) {
+  scale_rounded_batch_({out}, {src}, {alpha}, code);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(loram_fast, CPU, m) {
   LORAM_FAST_IMPL_ALL(m);
+  // batched forms, CPU only: on GPUs, loram_fast/ops/ runs the single-tensor kernels in a loop
+  m.impl("weights_moments", &weights_moments);
+  m.impl("scale_rounded_batch_", &scale_rounded_batch_);
 }
 
 }  // namespace loram_fast

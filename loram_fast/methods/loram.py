@@ -22,7 +22,7 @@ import torch
 
 from ..ops import memory
 from ..ops.bases import basis_column_sums, dst_basis
-from ..ops.moments import weight_moments
+from ..ops.moments import weight_moments, weights_moments
 from ..ops.rounding import ScaledRounded, scale_rounded
 from .common import BasisResidual, LayerInit
 
@@ -71,6 +71,24 @@ def loram_factors(W: torch.Tensor, r: int, scaling: float, *, kind: str = "dst1"
     return loram_from_moments(weight_moments(W, backend=backend), tuple(W.shape), W.device, r, scaling, kind=kind,
                               allow_zero_adapter=allow_zero_adapter, bases=bases, backend=backend, round_to=round_to,
                               deferred=deferred)
+
+
+def loram_factors_batch(Ws: list[torch.Tensor], r: int, scalings: list[float], *, kind: str = "dst1",
+                        allow_zero_adapter: bool = False, bases: dict | None = None, backend=None,
+                        round_to: torch.dtype | None = None, deferred: bool = False) -> list[LayerInit]:
+    """:func:`loram_factors` of weights of one shape, dtype and device (checked with :func:`check_loram`): their
+    moments in one call (:func:`~loram_fast.ops.moments.weights_moments`), the same results as one call each. A
+    ``ValueError`` for one weight carries its position in ``Ws`` as ``batch_index``."""
+    out = []
+    for k, (W, mom, scaling) in enumerate(zip(Ws, weights_moments(Ws, backend=backend), scalings)):
+        try:
+            out.append(loram_from_moments(mom, tuple(W.shape), W.device, r, scaling, kind=kind,
+                                          allow_zero_adapter=allow_zero_adapter, bases=bases, backend=backend,
+                                          round_to=round_to, deferred=deferred))
+        except ValueError as exc:
+            exc.batch_index = k
+            raise
+    return out
 
 
 def loram_factors_sharded(op, r: int, scaling: float, *, kind: str = "dst1", allow_zero_adapter: bool = False,

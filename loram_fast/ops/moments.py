@@ -100,7 +100,31 @@ def weight_moments_reference(W: torch.Tensor) -> Moments:
     return combine_rows(W, row_sum, row_sq)
 
 
-@dispatch.register("weight_moments", "cpu-ext", "cuda")
+def _checked_totals(W: torch.Tensor, total: float, total_sq: float) -> Moments:
+    """Moments from fp64 totals, with :func:`combine_rows`'s fallback where the sum-of-squares form cancels."""
+    m, n = W.shape
+    count = m * n
+    var = (total_sq - total * total / count) / max(count - 1, 1)
+    if count > 1 and math.isfinite(var) and (total * total / (count * count)) > _CANCELLATION_LIMIT * max(var, 0.0):
+        return Moments(count, *_var_mean_chunked(W))
+    return Moments(count, torch.tensor(total, dtype=torch.float64), torch.tensor(total_sq, dtype=torch.float64))
+
+
+@dispatch.register("weights_moments", "cpu-ext")
+def weights_moments_native(Ws: list[torch.Tensor]) -> list[Moments]:
+    """``weights_moments`` of csrc/ (CPU): every row of every weight in one parallel region, per-row fp32 partials
+    (row_moments's) added in fp64 in row order."""
+    Ws = [row_major(W) for W in Ws]
+    totals = torch.ops.loram_fast.weights_moments(Ws).tolist()
+    return [_checked_totals(W, s, q) for W, (s, q) in zip(Ws, totals)]
+
+
+@dispatch.register("weight_moments", "cpu-ext")
+def weight_moments_cpu_ext(W: torch.Tensor) -> Moments:
+    return weights_moments_native([W])[0]
+
+
+@dispatch.register("weight_moments", "cuda")
 def weight_moments_native(W: torch.Tensor) -> Moments:
     W = row_major(W)
     return combine_rows(W, *torch.ops.loram_fast.row_moments(W))
@@ -120,6 +144,9 @@ def _fake() -> None:
     def _(W):
         return W.new_empty(W.shape[0], dtype=torch.float32), W.new_empty(W.shape[0], dtype=torch.float32)
 
+    torch.library.register_fake("loram_fast::weights_moments")(
+        lambda weights: weights[0].new_empty((len(weights), 2), dtype=torch.float64, device="cpu"))
+
 
 def weight_moments(W: torch.Tensor, *, backend=None) -> Moments:
     """Moments of W (m×n) in one pass: ``count`` and fp64 0-d ``sum``, ``sumsq``.
@@ -129,3 +156,33 @@ def weight_moments(W: torch.Tensor, *, backend=None) -> Moments:
     _check(W)
     _, impl = dispatch.resolve("weight_moments", W.device, backend)
     return impl(W)
+
+
+
+@dispatch.register("weights_moments", "torch")
+def weights_moments_reference(Ws: list[torch.Tensor]) -> list[Moments]:
+    return [weight_moments_reference(W) for W in Ws]
+
+
+@dispatch.register("weights_moments", "triton")
+def weights_moments_triton(Ws: list[torch.Tensor]) -> list[Moments]:
+    return [weight_moments_triton(W) for W in Ws]
+
+
+@dispatch.register("weights_moments", "cuda")
+def weights_moments_cuda(Ws: list[torch.Tensor]) -> list[Moments]:
+    """One launch per weight (a batched launch: not measured yet)."""
+    return [weight_moments_native(W) for W in Ws]
+
+
+def weights_moments(Ws: list[torch.Tensor], *, backend=None) -> list[Moments]:
+    """:func:`weight_moments` of each weight of a list (2-D, one dtype and device), the same results: on ``cpu-ext``
+    one compiled call for all of them (one parallel region, no per-weight call); elsewhere one call per weight."""
+    for W in Ws:
+        _check(W)
+    if not Ws:
+        return []
+    if len({(W.dtype, W.device) for W in Ws}) > 1:
+        raise ValueError("loram_fast.weights_moments: the weights need one dtype and one device")
+    _, impl = dispatch.resolve("weights_moments", Ws[0].device, backend)
+    return impl(Ws)

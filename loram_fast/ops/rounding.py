@@ -9,9 +9,12 @@ temporary), ``cpu-ext`` / ``cuda`` (``scale_rounded_`` of csrc/: one pass, the r
 
 :class:`ScaledRounded` is the same product not formed yet: LoRAM's adapters are returned that way, and the writer
 forms them straight into the adapter parameters' own memory (no fresh tensor: fresh pages cost more than the
-product, ``bench/floor.py`` at r = 256).
+product, ``bench/floor.py`` at r = 256), all of a call's adapters at once (:func:`form_all`: on ``cpu-ext`` one
+compiled ``scale_rounded_batch_``).
 """
 from __future__ import annotations
+
+import bisect
 
 import torch
 
@@ -50,9 +53,24 @@ def scale_rounded(src: torch.Tensor, alpha: float, dtype: torch.dtype, *, out: t
     return out
 
 
+@dispatch.register("scale_rounded_batch", "torch", "cuda")
+def scale_rounded_batch_each_(outs: list, srcs: list, alphas: list, dtype: torch.dtype, backend: str) -> None:
+    """One ``scale_rounded`` call per pair (on GPUs: one launch each; a batched launch is not measured yet)."""
+    _, impl = dispatch.resolve("scale_rounded", outs[0].device, backend)
+    for out, src, alpha in zip(outs, srcs, alphas):
+        impl(out, src, alpha, dtype)
+
+
+@dispatch.register("scale_rounded_batch", "cpu-ext")
+def scale_rounded_batch_native_(outs: list, srcs: list, alphas: list, dtype: torch.dtype, backend: str) -> None:
+    """``scale_rounded_batch_`` of csrc/ (CPU): every pair in one parallel region, the same bits as one call each."""
+    torch.ops.loram_fast.scale_rounded_batch_(outs, srcs, [float(a) for a in alphas], _CODES[dtype])
+
+
 @dispatch.on_native_load
 def _fake() -> None:
     torch.library.register_fake("loram_fast::scale_rounded_")(lambda out, src, alpha, code: None)
+    torch.library.register_fake("loram_fast::scale_rounded_batch_")(lambda outs, srcs, alphas, code: None)
 
 
 class ScaledRounded:
@@ -86,3 +104,29 @@ class ScaledRounded:
 
     def form_into(self, out: torch.Tensor, backend=None) -> None:
         scale_rounded(self.src, self.alpha, self.round_to, out=out, backend=backend)
+
+
+def form_all(pairs: list, backend=None) -> None:
+    """:meth:`ScaledRounded.form_into` of every ``(out, value)`` pair, the same bits as one call each: on ``cpu-ext``
+    one compiled call per rounding dtype (every check before the first store; one parallel region over all the
+    entries, no call per adapter). The outs must be pairwise disjoint and overlap no other pair's source."""
+    groups: dict = {}
+    for out, value in pairs:
+        groups.setdefault((value.round_to, out.device), []).append((out, value))
+    for (dtype, device), items in groups.items():
+        name, impl = dispatch.resolve("scale_rounded_batch", device, backend)
+        impl([out for out, _ in items], [v.src for _, v in items], [v.alpha for _, v in items], dtype, name)
+
+
+def formable_together(pairs: list) -> bool:
+    """Whether :func:`form_all` accepts ``pairs`` (each already passing :meth:`ScaledRounded.forms_in_place`): the
+    outs pairwise disjoint, and none overlapping any pair's source (what the compiled batch checks first)."""
+    outs = sorted((out.data_ptr(), out.data_ptr() + 4 * out.numel()) for out, _ in pairs if out.numel())
+    if any(b[0] < a[1] for a, b in zip(outs, outs[1:])):
+        return False
+    starts = [a for a, _ in outs]
+    for lo, hi in {(v.src.data_ptr(), v.src.data_ptr() + 4 * v.src.numel()) for _, v in pairs if v.src.numel()}:
+        k = bisect.bisect_left(starts, hi)  # outs starting before the source ends; the last of them may overlap it
+        if k and outs[k - 1][1] > lo:
+            return False
+    return True

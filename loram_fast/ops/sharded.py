@@ -100,10 +100,16 @@ class Sharding:
         return full.narrow(0, self.offset, self.size)
 
 
+# tensor classes that are never sharded (the common case, asked several times per layer)
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def sharding_of(W, transposed: bool = False) -> Optional[Sharding]:
     """How the DTensor ``W`` is split, as a :class:`Sharding` of its out×in view (``transposed``: W is stored in×out).
     None for a plain tensor or a fully replicated DTensor. Raises ``NotImplementedError`` for layouts other than one
     ``Shard(0)`` / ``Shard(1)`` placement (others ``Replicate``)."""
+    if type(W) in _PLAIN:
+        return None
     try:
         from torch.distributed.tensor import DTensor, Replicate, Shard
     except ImportError:  # torch without distributed support
@@ -144,11 +150,13 @@ def local_part(full: torch.Tensor, param) -> torch.Tensor:
 
 
 def is_dtensor(t) -> bool:
-    return callable(getattr(t, "to_local", None))
+    return type(t) not in _PLAIN and callable(getattr(t, "to_local", None))
 
 
 def local_tensor(t) -> torch.Tensor:
     """The local tensor of a DTensor (in place: writes reach the sharded storage), else ``t`` itself."""
+    if type(t) in _PLAIN:
+        return t
     to_local = getattr(t, "to_local", None)
     return t.to_local() if callable(to_local) else t
 
