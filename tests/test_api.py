@@ -111,6 +111,18 @@ def test_bad_layer_found_before_any_write(llama):
     assert_state_equal(model, saved)
 
 
+def test_constant_weight_named_alone_in_its_batch(llama):
+    """Weights of one shape are computed together; the error names the one that is constant, not its batch."""
+    model = _peft(llama, LLAMA_TARGETS, r=2)
+    llama.model.layers[1].self_attn.q_proj.weight.data.fill_(0.5)
+    saved = state(model)
+    with pytest.raises(ValueError, match=r"^module '[^']*layers\.1\.self_attn\.q_proj' \(Linear [0-9]+×[0-9]+\): "
+                                         r"loram_fast\.loram: the weight is constant") as info:
+        loram_fast.init_model(model, progress=False)
+    assert "o_proj" not in str(info.value) and "layers.0" not in str(info.value)
+    assert_state_equal(model, saved)
+
+
 def test_r_one_and_rank_too_large_raise(llama):
     saved_model = _peft(llama, ["q_proj"], r=1)
     saved = state(saved_model)

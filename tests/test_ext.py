@@ -117,8 +117,106 @@ def test_opcheck_every_op(backend):
          (W, torch.randn(9, 2, device=device), torch.randn(2, 7, device=device), 0.5, 0, 0)),
         (ops.scale_rounded_.default, (torch.empty(9, 7, device=device), W, 0.5, 1)),
     ]
+    if device == "cpu":  # the batched forms are CPU only (on GPUs ops/ loops over the single kernels)
+        checks += [(ops.weights_moments.default, ([W, W.T, torch.randn(3, 4)],)),
+                   (ops.scale_rounded_batch_.default,
+                    ([torch.empty(9, 7), torch.empty(2, 3)], [W, torch.randn(2, 3)], [0.5, 2.0], 1))]
     for op, args in checks:
         torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_weights_moments_is_row_moments_added_in_row_order(dtype):
+    """The batched totals: every weight's fp32 row partials (row_moments's, bit for bit) added in fp64 in row order;
+    mixed shapes, a transposed view and a strided slice in one call."""
+    base = torch.randn(300, 90) * 0.05 + 0.02
+    # rows of scales 2^-20, 1 and 2^20 in turn (fp16: 2^±7): fp64 sums of their fp32 partials round, so the order of
+    # the additions shows
+    spread = ((torch.arange(60) % 3) - 1).double() * (20 if dtype != torch.float16 else 7)
+    wide = (torch.randn(60, 33).double() * torch.pow(2.0, spread).unsqueeze(1)).to(dtype)
+    Ws = [base[:37, :53].to(dtype), torch.randn(41, 1000).to(dtype).T, (torch.randn(5, 4099) * 3).to(dtype),
+          base.to(dtype)[::3, 1:], torch.randn(1, 1).to(dtype), wide]
+    totals = ops.weights_moments(Ws)
+    assert totals.dtype == torch.float64 and totals.shape == (len(Ws), 2)
+    for W, (got_sum, got_sq) in zip(Ws, totals.tolist()):
+        sums, sqs = ops.row_moments(W)
+        want_sum = want_sq = 0.0
+        for a, b in zip(sums.tolist(), sqs.tolist()):  # Python floats are fp64: the same additions, in row order
+            want_sum += a
+            want_sq += b
+        assert (got_sum, got_sq) == (want_sum, want_sq)
+    with pytest.raises(RuntimeError, match="dtype"):
+        ops.weights_moments([Ws[0], Ws[0].double()])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batched_moments_agree_with_each_weight_and_the_reference(dtype):
+    """``weights_moments`` on cpu-ext = ``weight_moments`` of each weight (the same bits) and the torch reference's
+    variance (1e-6 relative), including a weight whose mean dwarfs its spread (the cancellation fallback)."""
+    from loram_fast.ops import weights_moments
+
+    Ws = [(torch.randn(64, 48) * 0.05).to(dtype), (torch.randn(64, 48) * 1e-3 + 40.0).to(dtype),
+          (torch.randn(48, 64) * 0.05).to(dtype).T, (torch.randn(7, 300) * 0.1 + 0.05).to(dtype)]
+    batched = weights_moments(Ws, backend="cpu-ext")
+    for W, got in zip(Ws, batched):
+        one = weight_moments(W, backend="cpu-ext")
+        assert got.count == one.count and torch.equal(got.sum, one.sum) and torch.equal(got.sumsq, one.sumsq)
+        ref = weight_moments(W, backend="torch")
+        assert abs(got.variance() - ref.variance()) <= 1e-6 * ref.variance()
+    assert [m.variance() for m in weights_moments(Ws, backend="torch")] == [
+        weight_moments(W, backend="torch").variance() for W in Ws]
+    with pytest.raises(ValueError, match="one dtype"):
+        weights_moments([Ws[0], Ws[0].double()])
+    assert weights_moments([]) == []
+
+
+def _pairs(code_dtype):
+    """(outs, srcs, alphas): sizes from a few entries to > 1 MiB (non-temporal stores), outs at unaligned offsets."""
+    buffer = torch.full((3 + (1 << 18) + 5 + 64 * 33,), float("nan"))
+    outs = [buffer[3:3 + (1 << 18)].view(512, 512), buffer[(1 << 18) + 3:(1 << 18) + 8],
+            buffer[(1 << 18) + 8:].view(64, 33)]
+    srcs = [torch.randn(512, 512) * 3, torch.randn(5), torch.randn(64, 33) * 1e-30]  # subnormal products too
+    return outs, srcs, [0.37, -2.5, 1e-9]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_scale_rounded_batch_is_one_call_per_pair_bit_for_bit(dtype):
+    code = [torch.float32, torch.bfloat16, torch.float16].index(dtype)
+    outs, srcs, alphas = _pairs(dtype)
+    ops.scale_rounded_batch_(outs, srcs, alphas, code)
+    for out, src, alpha in zip(outs, srcs, alphas):
+        one = torch.full_like(src, float("nan"))
+        ops.scale_rounded_(one, src, alpha, code)
+        assert torch.equal(out, one)
+        assert torch.equal(out, (src * alpha).to(dtype).float())
+    inplace = srcs[0].clone()  # an out that is its own source
+    ops.scale_rounded_batch_([inplace, outs[1]], [inplace, srcs[1]], [0.5, 1.0], code)
+    assert torch.equal(inplace, (srcs[0] * 0.5).to(dtype).float())
+
+
+def test_scale_rounded_batch_checks_everything_before_its_first_store():
+    """Outs that share memory, an out overlapping another pair's source, an in-place out that is another pair's
+    source too: refused before any store (every out still NaN); ``formable_together`` refuses the same batches."""
+    from loram_fast.ops.rounding import ScaledRounded, formable_together
+
+    buffer = torch.full((400,), float("nan"))
+    a, b = buffer[:200].view(10, 20), buffer[100:300].view(10, 20)  # overlapping outs
+    c = buffer[300:].view(5, 20)
+    src, small = torch.randn(10, 20), torch.randn(5, 20)
+    cases = [([a, b], [src, src]),  # two outs share memory
+             ([a, c], [src, buffer[150:250].view(5, 20)])]  # out a overlaps the other pair's source
+    for outs, srcs in cases:
+        with pytest.raises(RuntimeError, match="scale_rounded_batch_"):
+            ops.scale_rounded_batch_(outs, srcs, [1.0] * len(outs), 1)
+        assert torch.isnan(buffer).all()
+        assert not formable_together([(o, ScaledRounded(s.contiguous(), 1.0, torch.bfloat16))
+                                      for o, s in zip(outs, srcs)])
+    shared = torch.randn(10, 20)
+    with pytest.raises(RuntimeError, match="in place"):
+        ops.scale_rounded_batch_([shared, a], [shared, shared], [1.0, 1.0], 1)
+    assert torch.isnan(buffer).all()
+    assert formable_together([(a, ScaledRounded(src, 1.0, torch.bfloat16)), (c, ScaledRounded(small, 2.0,
+                                                                                               torch.bfloat16))])
 
 
 def test_meta_tensors_through_fake_kernels():

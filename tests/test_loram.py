@@ -108,3 +108,27 @@ def test_edge_cases_raise():
         loram_init(bad, 4, 1.0)
     with pytest.raises(ValueError, match="constant"):
         loram_init(torch.zeros(8, 8), 4, 1.0)
+
+
+@pytest.mark.parametrize("backend", ["cpu-ext", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_init_is_one_init_per_weight(dtype, backend):
+    """LoRAM's batched form (one moments call for a shape's weights, what init_model uses) gives each weight what
+    its own call gives, bit for bit; a bad weight in the batch is reported with its position."""
+    from conftest import require_backend
+    from loram_fast.registry import get_method
+
+    require_backend(backend)
+    method = get_method("loram")
+    Ws = [_weight((48, 40), dtype, seed=s) for s in range(5)] + [_weight((40, 48), dtype, seed=9).T]
+    scalings = [2.0, 0.5, 1.0, 3.0, 1.5, 0.25]
+    batched = method.init_batch(Ws, 8, scalings, backend=backend, bases={})
+    for W, s, got in zip(Ws, scalings, batched):
+        one = method.init(W, 8, s, backend=backend, bases={})
+        assert torch.equal(got.A.tensor(), one.A.tensor()) and torch.equal(got.B.tensor(), one.B.tensor())
+        assert got.residual.coef == one.residual.coef and got.scaling == one.scaling == s
+    bad = [W.clone() for W in Ws[:3]]
+    bad[1].fill_(0.25)
+    with pytest.raises(ValueError, match="constant") as info:
+        method.init_batch(bad, 8, scalings[:3], backend=backend, bases={})
+    assert info.value.batch_index == 1
