@@ -109,7 +109,7 @@ def loram_from_moments(mom, shape: tuple[int, int], device, r: int, scaling: flo
     ``deferred``: A and B as :class:`ScaledRounded` (β·Uᵀ and β·V, not formed yet), for the writer to form in the
     adapters' own memory."""
     m, n = shape
-    if not (math.isfinite(float(mom.sum)) and math.isfinite(float(mom.sumsq))):
+    if not (math.isfinite(mom.sum) and math.isfinite(mom.sumsq)):
         raise ValueError("loram_fast.loram: the weight holds NaN or Inf values")
     var_w = mom.variance()
     if var_w == 0.0 and not allow_zero_adapter:

@@ -24,8 +24,8 @@ _CHUNK_ELEMS = 1 << 20
 
 class Moments(NamedTuple):
     count: int
-    sum: torch.Tensor  # 0-d fp64
-    sumsq: torch.Tensor  # 0-d fp64
+    sum: float  # fp64
+    sumsq: float  # fp64
 
     def variance(self) -> float:
         return variance(self)
@@ -36,7 +36,7 @@ def variance(m: Moments) -> float:
     n = m.count
     if n < 2:
         return float("nan")
-    s, ss = float(m.sum), float(m.sumsq)
+    s, ss = m.sum, m.sumsq
     return max(ss - s * s / n, 0.0) / (n - 1)
 
 
@@ -52,7 +52,7 @@ def _check(W: torch.Tensor) -> None:
 _CANCELLATION_LIMIT = 1e4
 
 
-def _var_mean_chunked(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _var_mean_chunked(W: torch.Tensor) -> tuple[float, float]:
     """fp64 (sum, sum of squares) from ``torch.var_mean`` over row chunks (stable for any mean)."""
     m, n = W.shape
     step = m if W.dtype == torch.float32 else max(1, _CHUNK_ELEMS // max(n, 1))
@@ -64,22 +64,14 @@ def _var_mean_chunked(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, var = mean.double(), var.double()
         total += c.numel() * mean
         total_sq += c.numel() * (var + mean * mean)
-    return total, total_sq
+    return float(total), float(total_sq)
 
 
 def combine_rows(W: torch.Tensor, row_sum: torch.Tensor, row_sq: torch.Tensor) -> Moments:
     """Moments from per-row sums and sums of squares (fp32, from any backend), combined in fp64. When
     mean² > 1e4·var the sum-of-squares form would cancel digits: ``torch.var_mean`` over row chunks then gives
     the totals instead."""
-    m, n = W.shape
-    count = m * n
-    total = row_sum.sum(dtype=torch.float64)
-    total_sq = row_sq.sum(dtype=torch.float64)
-    mean2 = float(total) ** 2 / count ** 2
-    var = (float(total_sq) - float(total) ** 2 / count) / max(count - 1, 1)
-    if count > 1 and math.isfinite(var) and mean2 > _CANCELLATION_LIMIT * max(var, 0.0):
-        total, total_sq = _var_mean_chunked(W)
-    return Moments(count, total, total_sq)
+    return _checked_totals(W, float(row_sum.sum(dtype=torch.float64)), float(row_sq.sum(dtype=torch.float64)))
 
 
 @dispatch.register("weight_moments", "torch")
@@ -107,7 +99,7 @@ def _checked_totals(W: torch.Tensor, total: float, total_sq: float) -> Moments:
     var = (total_sq - total * total / count) / max(count - 1, 1)
     if count > 1 and math.isfinite(var) and (total * total / (count * count)) > _CANCELLATION_LIMIT * max(var, 0.0):
         return Moments(count, *_var_mean_chunked(W))
-    return Moments(count, torch.tensor(total, dtype=torch.float64), torch.tensor(total_sq, dtype=torch.float64))
+    return Moments(count, total, total_sq)
 
 
 @dispatch.register("weights_moments", "cpu-ext")
@@ -149,7 +141,7 @@ def _fake() -> None:
 
 
 def weight_moments(W: torch.Tensor, *, backend=None) -> Moments:
-    """Moments of W (m×n) in one pass: ``count`` and fp64 0-d ``sum``, ``sumsq``.
+    """Moments of W (m×n) in one pass: ``count`` and the fp64 totals ``sum``, ``sumsq`` (Python floats).
 
     >>> mom = weight_moments(W); mom.variance()   # == torch.var(W.float()).item()
     """

@@ -300,10 +300,9 @@ class MatrixOperator:
         mom = weight_moments(self.local, backend=self.backend)
         if self.sharding is None:
             return mom
-        count = torch.tensor(float(mom.count), dtype=torch.float64, device=self.device)
-        totals = all_reduce(torch.stack([mom.sum.to(self.device, torch.float64), mom.sumsq.to(self.device, torch.float64),
-                                         count]), self.sharding.group)
-        return Moments(int(totals[2].item()), totals[0], totals[1])
+        totals = all_reduce(torch.tensor([mom.sum, mom.sumsq, float(mom.count)], dtype=torch.float64,
+                                         device=self.device), self.sharding.group).tolist()
+        return Moments(int(totals[2]), totals[0], totals[1])
 
     def block(self, rows: tuple[int, int], cols: tuple[int, int]) -> torch.Tensor:
         """``M[rows[0]:rows[1], cols[0]:cols[1]]`` (fp32) on every rank: one all-reduce of its size when sharded."""
