@@ -258,19 +258,23 @@ class Transaction:
             if residual is not None and not defer:
                 self._save_weight(target)
                 self._write_held_back(target.weight)  # earlier held-back writes to this weight keep their order
-            trainable = self._adapter_trainable(layer)
+            weights = self._adapter_weights(layer)  # looked up once, while no module of the layer changes
+            trainable = any(w.requires_grad for w in weights.values())
             if init.rank is not None and init.rank != layer.r[self.adapter]:
                 self._resize(layer, init.rank, init.lora_alpha)
-            self._set_middle(layer, init.middle is not None)
+                weights = None
+            if self._set_middle(layer, init.middle is not None):
+                weights = None
             for name, value in init.adapters().items():
                 if isinstance(value, ScaledRounded):
-                    param = getattr(layer, name)[self.adapter].weight
+                    param = (weights or {}).get(name)
+                    param = getattr(layer, name)[self.adapter].weight if param is None else param
                     if self._in_place(param, value):
                         self._pending_adapters.append((target, name, param, value, param.data.data_ptr()))
                         continue
                     value = value.tensor(self.backend)
                 self._set_adapter(target, name, value, owned=init.owned, as_is=init.as_is)
-            self._set_frozen(layer, init.frozen, trainable)
+            self._set_frozen(layer, init.frozen, trainable, weights)
             if defer:
                 self._pending.append((target, residual))
             elif residual is not None:
@@ -466,10 +470,16 @@ class Transaction:
         self._will(undo)
         config.target_modules, config.rank_pattern, config.alpha_pattern = targets, rank_pattern, alpha_pattern
 
-    def _adapter_trainable(self, layer) -> bool:
-        """Whether this adapter trains at all (any of its matrices requires grad): frozen adapters stay frozen."""
-        return any(self.adapter in getattr(layer, name, {}) and getattr(layer, name)[self.adapter].weight.requires_grad
-                   for name in ("lora_A", "lora_B", "lora_N"))
+    def _adapter_weights(self, layer) -> dict[str, torch.nn.Parameter]:
+        """This adapter's matrices in ``layer``, those it has: ``{"lora_A": weight, "lora_B": ..., "lora_N": ...}``.
+        Whether it trains at all is whether any of them requires grad (frozen adapters stay frozen)."""
+        modules = layer._modules
+        found = {}
+        for name in ("lora_A", "lora_B", "lora_N"):
+            container = modules.get(name)
+            if container is not None and self.adapter in container:
+                found[name] = container[self.adapter].weight
+        return found
 
     def _set_adapter(self, target: LoraTarget, name: str, value: torch.Tensor, owned: bool = False,
                      as_is: bool = False) -> None:
@@ -521,15 +531,16 @@ class Transaction:
         self._pending_adapters = [w for w in self._pending_adapters if w[2] is not param]
         param.data = new
 
-    def _set_middle(self, layer, wanted: bool) -> None:
-        """Create (or remove) ``lora_N[adapter]`` and the middle-matrix variant, with undo."""
+    def _set_middle(self, layer, wanted: bool) -> bool:
+        """Create (or remove) ``lora_N[adapter]`` and the middle-matrix variant, with undo; True when it did."""
         from .peft_variant import add_middle, remove_middle
 
-        has = self.adapter in getattr(layer, "lora_N", {})
+        container = layer._modules.get("lora_N")
+        has = container is not None and self.adapter in container
         if wanted == has:
             if wanted:
                 add_middle(layer, self.adapter)  # re-installs the variant if a later peft call replaced it
-            return
+            return False
         saved = {"lora_N": layer.__dict__.get("_modules", {}).get("lora_N", _MISSING),
                  "names": layer.adapter_layer_names,
                  "variant": layer.lora_variant.get(self.adapter, _MISSING),
@@ -553,14 +564,17 @@ class Transaction:
 
         self._will(undo)
         (add_middle if wanted else remove_middle)(layer, self.adapter)
+        return True
 
-    def _set_frozen(self, layer, frozen: tuple, trainable: bool) -> None:
+    def _set_frozen(self, layer, frozen: tuple, trainable: bool, weights: Optional[dict] = None) -> None:
         """Exactly ``frozen`` of this adapter's matrices stay frozen (peft's frozen-weight registry, re-applied by
-        ``set_adapter``); the others train iff the adapter trained before."""
+        ``set_adapter``); the others train iff the adapter trained before. ``weights``: :meth:`_adapter_weights`, when
+        the caller has it for the layer's current modules."""
         from .peft_variant import set_frozen
 
-        names = [n for n in ("lora_A", "lora_B", "lora_N") if self.adapter in getattr(layer, n, {})]
-        flags = {n: getattr(layer, n)[self.adapter].weight.requires_grad for n in names}
+        weights = self._adapter_weights(layer) if weights is None else weights
+        names = list(weights)
+        flags = {n: w.requires_grad for n, w in weights.items()}
         registry = layer.__dict__.get("frozen_peft_weight_names", _MISSING)
         if (not frozen and (registry is _MISSING or not registry or self.adapter not in registry)
                 and all(flag == trainable for flag in flags.values())):
