@@ -421,7 +421,10 @@ from loram_fast.ops.dispatch import backends
 backends()
 g = torch.Generator().manual_seed(0)
 W = torch.randn(301, 517, generator=g) * 0.05
-W.view(-1)[:9] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e-40, -1e-39, 3.0e38, 0.0, -0.0, 2e-38])
+special = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e-40, -1e-39, 3.0e38, 0.0, -0.0, 2e-38])
+W.view(-1)[:9] = special
+W[300, 20:29] = special  # the second half of a 32-entry step (the last row: updated with K reversed)
+W[150, 44:53] = special  # across two halves
 W = W.to(torch.bfloat16)
 out = [W.clone(), W.clone(), W.T.contiguous().T] + [W.clone() for _ in range(5)]
 torch.ops.loram_fast.loram_residual_batch_(out[:2], [0.7, 1e-36], 16, 0)  # 1e-36: subnormal sums

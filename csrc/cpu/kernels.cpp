@@ -311,31 +311,58 @@ LORAM_FAST_BF16_TARGET inline __m512 k16_hw(const float* p, int64_t n, int64_t j
   return _mm512_permutexvar_ps(rev, _mm512_loadu_ps(p + n - 16 - j));
 }
 
-// G bf16 rows (of different weights when G > 1) against one row p of K: rows[g][j] += a[g] · p[j] (``reversed``:
+// 32 entries of a bf16 row: row[0 .. 31] += a · (k0 | k1), rounded; one mask test for both halves (the hardware
+// rounding holds unless a result is NaN or subnormal: then both go through round_bf16_hw's exact path).
+LORAM_FAST_BF16_TARGET inline void axpy32_bf16_hw(uint16_t* row, __m512 av, __m512 k0, __m512 k1) {
+  const __m512 y0 = _mm512_fmadd_ps(av, k0, load_bf16_hw(row)), y1 = _mm512_fmadd_ps(av, k1, load_bf16_hw(row + 16));
+  __m256i h0, h1;
+  if (__builtin_expect(_kortestz_mask16_u8(_mm512_fpclass_ps_mask(y0, 0xA1), _mm512_fpclass_ps_mask(y1, 0xA1)), 1)) {
+    h0 = (__m256i)_mm512_cvtneps_pbh(y0);
+    h1 = (__m256i)_mm512_cvtneps_pbh(y1);
+  } else {
+    h0 = round_bf16_hw(y0);
+    h1 = round_bf16_hw(y1);
+  }
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(row), h0);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + 16), h1);
+}
+
+// G bf16 rows (of different weights when G > 1) against one row p of K: rows[g][j] += a[g] · p[j] (``Reversed``:
 // p[n−1−j]), each 16 entries of p loaded once for all G rows. ``next`` (G pointers, or null): rows to be updated after
 // these, whose cache lines are asked for (for writing) as the same lines of these are updated: one prefetch per 64
-// bytes, spread over the row.
-template <int G>
-LORAM_FAST_BF16_TARGET void axpy_rows_bf16_hw(uint16_t* const* rows, const float* __restrict p, int64_t n,
-                                              const float* a, const char* const* next, bool reversed) {
+// bytes, spread over the row. The row pointers are copied to locals first: the vector stores may alias any memory,
+// so pointers read through ``rows`` would be loaded again for every store.
+template <int G, bool Reversed>
+LORAM_FAST_BF16_TARGET void axpy_rows_bf16_hw_dir(uint16_t* const* rows_in, const float* __restrict p, int64_t n,
+                                                  const float* a, const char* const* next_in) {
+  uint16_t* rows[G];
+  const char* next[G];
   __m512 av[G];
-  for (int g = 0; g < G; ++g) av[g] = _mm512_set1_ps(a[g]);
+  for (int g = 0; g < G; ++g) {
+    rows[g] = rows_in[g];
+    next[g] = next_in != nullptr ? next_in[g] : nullptr;
+    av[g] = _mm512_set1_ps(a[g]);
+  }
   int64_t j = 0;
   for (; j + 32 <= n; j += 32) {
-    if (next != nullptr)
+    if (next_in != nullptr)
       for (int g = 0; g < G; ++g) __builtin_prefetch(next[g] + 2 * j, 1, 3);
-    const __m512 k0 = k16_hw(p, n, j, reversed), k1 = k16_hw(p, n, j + 16, reversed);
-    for (int g = 0; g < G; ++g) {
-      axpy16_bf16_hw(rows[g] + j, av[g], k0);
-      axpy16_bf16_hw(rows[g] + j + 16, av[g], k1);
-    }
+    const __m512 k0 = k16_hw(p, n, j, Reversed), k1 = k16_hw(p, n, j + 16, Reversed);
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g) axpy32_bf16_hw(rows[g] + j, av[g], k0, k1);
   }
   for (; j + 16 <= n; j += 16) {
-    const __m512 k0 = k16_hw(p, n, j, reversed);
+    const __m512 k0 = k16_hw(p, n, j, Reversed);
     for (int g = 0; g < G; ++g) axpy16_bf16_hw(rows[g] + j, av[g], k0);
   }
   for (; j < n; ++j)
-    for (int g = 0; g < G; ++g) rows[g][j] = bf16_axpy(rows[g][j], a[g], p[reversed ? n - 1 - j : j]);
+    for (int g = 0; g < G; ++g) rows[g][j] = bf16_axpy(rows[g][j], a[g], p[Reversed ? n - 1 - j : j]);
+}
+
+template <int G>
+inline void axpy_rows_bf16_hw(uint16_t* const* rows, const float* p, int64_t n, const float* a,
+                              const char* const* next, bool reversed) {
+  (reversed ? axpy_rows_bf16_hw_dir<G, true> : axpy_rows_bf16_hw_dir<G, false>)(rows, p, n, a, next);
 }
 
 // Sum and sum of squares of a contiguous bf16 row with 16-lane vectors: the order of LORAM_FAST_ROW_SUMS_BODY
