@@ -22,6 +22,10 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _QUANTIZED_PARAMS = ("Params4bit", "Int8Params")
 
 
+# base-layer class -> whether its ``weight`` is the module's "weight" parameter (no class attribute of that name)
+_PLAIN_WEIGHT: dict[type, bool] = {}
+
+
 @dataclass
 class LoraTarget:
     """One LoRA layer of the adapter: where its weight is and how to view it as out×in."""
@@ -44,7 +48,13 @@ class LoraTarget:
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
+        base = self.base_layer
+        cls = type(base)
+        plain = _PLAIN_WEIGHT.get(cls)
+        if plain is None:  # no class attribute named weight (a property would come before the parameter)
+            plain = _PLAIN_WEIGHT[cls] = not hasattr(cls, "weight")
+        weight = base._parameters.get("weight") if plain else None  # asked several times per layer: past
+        return base.weight if weight is None else weight  # nn.Module's __getattr__
 
     def local_weight(self) -> torch.Tensor:
         """The base weight's storage on this rank, as stored (a DTensor's local shard, written in place)."""
