@@ -36,6 +36,9 @@ def test_moments(dtype, shape):
     assert abs(got.variance() - ref.variance()) <= 1e-6 * ref.variance()
     mt = weight_moments(W.T, backend="triton")  # strided
     assert abs(mt.variance() - ref.variance()) <= 1e-6 * ref.variance()
+    from loram_fast.ops import weights_moments
+
+    assert weights_moments([W, W.T], backend="triton") == [got, mt]  # the list form: the same, weight by weight
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -151,20 +151,14 @@ def weight_moments(W: torch.Tensor, *, backend=None) -> Moments:
 
 
 
-@dispatch.register("weights_moments", "torch")
-def weights_moments_reference(Ws: list[torch.Tensor]) -> list[Moments]:
-    return [weight_moments_reference(W) for W in Ws]
+def _each(backend: str):
+    """``weights_moments`` as one ``weight_moments`` call per weight on ``backend`` (through the dispatch, so a GPU
+    kernel launches on its weight's device; on GPUs a batched launch is not measured yet)."""
+    return lambda Ws: [weight_moments(W, backend=backend) for W in Ws]
 
 
-@dispatch.register("weights_moments", "triton")
-def weights_moments_triton(Ws: list[torch.Tensor]) -> list[Moments]:
-    return [weight_moments_triton(W) for W in Ws]
-
-
-@dispatch.register("weights_moments", "cuda")
-def weights_moments_cuda(Ws: list[torch.Tensor]) -> list[Moments]:
-    """One launch per weight (a batched launch: not measured yet)."""
-    return [weight_moments_native(W) for W in Ws]
+for _backend in ("torch", "triton", "cuda"):
+    dispatch.register("weights_moments", _backend)(_each(_backend))
 
 
 def weights_moments(Ws: list[torch.Tensor], *, backend=None) -> list[Moments]:
