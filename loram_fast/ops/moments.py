@@ -6,7 +6,10 @@ sums and sums of squares in fp32 (every backend), combined across rows in fp64 (
 
 Backends: ``torch`` (the reference below), ``cpu-ext`` / ``cuda`` (``row_moments`` of csrc/: eight fp32 lanes
 flushed to fp64 every 4096 entries on the CPU, one block per row on the GPU), ``triton``
-(``triton_kernels/moments.py``).
+(``triton_kernels/moments.py``). ``weights_moments(Ws)`` gives the moments of a list of weights: on ``cpu-ext`` one
+compiled call (``weights_moments`` of csrc/: every row of every weight in one parallel region, each weight's fp32 row
+partials added in fp64 in row order; the single-weight form on ``cpu-ext`` is that call with one weight), elsewhere
+one call per weight.
 """
 from __future__ import annotations
 
@@ -67,6 +70,16 @@ def _var_mean_chunked(W: torch.Tensor) -> tuple[float, float]:
     return float(total), float(total_sq)
 
 
+def _checked_totals(W: torch.Tensor, total: float, total_sq: float) -> Moments:
+    """Moments from fp64 totals, with :func:`combine_rows`'s fallback where the sum-of-squares form cancels."""
+    m, n = W.shape
+    count = m * n
+    var = (total_sq - total * total / count) / max(count - 1, 1)
+    if count > 1 and math.isfinite(var) and (total * total / (count * count)) > _CANCELLATION_LIMIT * max(var, 0.0):
+        return Moments(count, *_var_mean_chunked(W))
+    return Moments(count, total, total_sq)
+
+
 def combine_rows(W: torch.Tensor, row_sum: torch.Tensor, row_sq: torch.Tensor) -> Moments:
     """Moments from per-row sums and sums of squares (fp32, from any backend), combined in fp64. When
     mean² > 1e4·var the sum-of-squares form would cancel digits: ``torch.var_mean`` over row chunks then gives
@@ -90,16 +103,6 @@ def weight_moments_reference(W: torch.Tensor) -> Moments:
         row_sum[start:start + step] = c.sum(dim=1)
         row_sq[start:start + step] = torch.linalg.vector_norm(c, dim=1).square()
     return combine_rows(W, row_sum, row_sq)
-
-
-def _checked_totals(W: torch.Tensor, total: float, total_sq: float) -> Moments:
-    """Moments from fp64 totals, with :func:`combine_rows`'s fallback where the sum-of-squares form cancels."""
-    m, n = W.shape
-    count = m * n
-    var = (total_sq - total * total / count) / max(count - 1, 1)
-    if count > 1 and math.isfinite(var) and (total * total / (count * count)) > _CANCELLATION_LIMIT * max(var, 0.0):
-        return Moments(count, *_var_mean_chunked(W))
-    return Moments(count, total, total_sq)
 
 
 @dispatch.register("weights_moments", "cpu-ext")
@@ -148,7 +151,6 @@ def weight_moments(W: torch.Tensor, *, backend=None) -> Moments:
     _check(W)
     _, impl = dispatch.resolve("weight_moments", W.device, backend)
     return impl(W)
-
 
 
 def _each(backend: str):
