@@ -53,6 +53,18 @@ inline void check_residual(const at::Tensor& W, int64_t r, int64_t kind) {
               "loram_fast.loram_residual_: need 1 <= r <= min(m, n), got r=", r, " for W ", W.sizes());
 }
 
+// The bytes [start, end) a tensor (non-negative strides) reaches in memory; start == end when it is empty
+// (layout.byte_span in loram_fast/ops/ is the Python twin).
+inline std::pair<uintptr_t, uintptr_t> byte_span(const at::Tensor& t) {
+  const auto start = reinterpret_cast<uintptr_t>(t.data_ptr());
+  int64_t last = -1;
+  if (t.numel() > 0) {
+    last = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  }
+  return {start, start + static_cast<uintptr_t>((last + 1) * t.element_size())};
+}
+
 // Several weights of one shape for one residual op: the same shape, dtype, device and layout, one coefficient each,
 // and no memory shared between two different weights (they may be written at the same time; the same weight twice
 // is allowed: its rows are updated in turn).
@@ -67,10 +79,7 @@ inline void check_residual_batch(at::TensorList Ws, at::ArrayRef<double> coefs, 
                 "loram_fast.loram_residual_batch_: every weight needs the first one's shape, dtype, device and "
                 "strides; got ", W.sizes(), " ", W.scalar_type(), " vs ", Ws[0].sizes(), " ", Ws[0].scalar_type());
     TORCH_CHECK(W.stride(0) >= 0 && W.stride(1) >= 0, "loram_fast.loram_residual_batch_: negative strides");
-    if (W.numel() == 0) continue;
-    const auto start = reinterpret_cast<uintptr_t>(W.data_ptr());
-    const int64_t last = (W.size(0) - 1) * W.stride(0) + (W.size(1) - 1) * W.stride(1);
-    spans.emplace_back(start, start + static_cast<uintptr_t>((last + 1) * W.element_size()));
+    if (W.numel() > 0) spans.push_back(byte_span(W));
   }
   std::sort(spans.begin(), spans.end());
   for (size_t b = 1; b < spans.size(); ++b)
@@ -126,16 +135,12 @@ inline void check_scale_rounded_batch(at::TensorList outs, at::TensorList srcs, 
   TORCH_CHECK(outs.size() == srcs.size() && outs.size() == alphas.size(), "loram_fast.scale_rounded_batch_: ",
               outs.size(), " outputs, ", srcs.size(), " sources and ", alphas.size(), " factors");
   using Span = std::pair<uintptr_t, uintptr_t>;
-  auto span = [](const at::Tensor& t) {
-    const auto start = reinterpret_cast<uintptr_t>(t.data_ptr());
-    return Span(start, start + static_cast<uintptr_t>(t.numel()) * 4);
-  };
   std::vector<Span> out_spans, src_spans;
   for (size_t i = 0; i < outs.size(); ++i) {
     check_scale_rounded(outs[i], srcs[i], code);
     if (outs[i].numel() == 0) continue;
-    out_spans.push_back(span(outs[i]));
-    src_spans.push_back(span(srcs[i]));
+    out_spans.push_back(byte_span(outs[i]));
+    src_spans.push_back(byte_span(srcs[i]));
   }
   std::vector<Span> sorted = out_spans;
   std::sort(sorted.begin(), sorted.end());

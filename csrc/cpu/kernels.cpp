@@ -525,6 +525,11 @@ std::tuple<at::Tensor, at::Tensor> row_moments(const at::Tensor& W) {
   return {sums, sqs};
 }
 
+// The piece holding entry x of a flattened range: first[p] is piece p's first entry, first.back() the total.
+inline int64_t piece_of(const std::vector<int64_t>& first, int64_t x) {
+  return std::upper_bound(first.begin(), first.end(), x) - first.begin() - 1;
+}
+
 // Totals of several weights (count×2 fp64: sum, sum of squares): row_moments's fp32 partials of every row of every
 // weight in one parallel region, then each weight's partials added in fp64 in row order. Each weight is read as it is
 // (a column-major view by columns: the caller passes row-major views, see layout.row_major).
@@ -544,7 +549,7 @@ at::Tensor weights_moments(at::TensorList Ws) {
     std::vector<const scalar_t*> w(count);
     for (int64_t b = 0; b < count; ++b) w[b] = Ws[b].data_ptr<scalar_t>();
     at::parallel_for(0, first[count], std::max<int64_t>(1, 16384 / widest), [&](int64_t begin, int64_t end) {
-      int64_t b = std::upper_bound(first.begin(), first.end(), begin) - first.begin() - 1;
+      int64_t b = piece_of(first, begin);
       for (int64_t x = begin; x < end; ++x) {
         while (x >= first[b + 1]) ++b;
         const at::Tensor& W = Ws[b];
@@ -914,7 +919,7 @@ void scale_rounded_batch_(at::TensorList outs, at::TensorList srcs, at::ArrayRef
     stream[i] = stream_ok && po[i] != ps[i] && outs[i].numel() * 4 >= kStreamMinBytes;
   }
   at::parallel_for(0, first[count], 1 << 16, [&](int64_t b, int64_t e) {
-    int64_t i = std::upper_bound(first.begin(), first.end(), b) - first.begin() - 1;
+    int64_t i = piece_of(first, b);
     bool streamed = false;
     for (; i < count && first[i] < e; ++i) {
       const int64_t lo = std::max(b, first[i]) - first[i], hi = std::min(e, first[i + 1]) - first[i];

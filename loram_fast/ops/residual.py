@@ -27,7 +27,7 @@ import torch
 
 from . import dispatch
 from .bases import KINDS, cospi_frac, dst_basis, sinpi_frac
-from .layout import row_major
+from .layout import byte_span, row_major
 
 # rows per chunk in the torch reference: keeps each fp32 temporary near 4 MiB
 _CHUNK_ELEMS = 1 << 20
@@ -270,12 +270,6 @@ def write_cannot_fail(W: torch.Tensor, residual: Residual, *, backend=None) -> b
     return name in dispatch.WRITES_CANNOT_FAIL
 
 
-def _span(W: torch.Tensor) -> tuple[int, int]:
-    last = sum((size - 1) * stride for size, stride in zip(W.shape, W.stride())) if W.numel() else -1
-    start = W.data_ptr()
-    return start, start + (last + 1) * W.element_size()
-
-
 def apply_residuals(writes: list[tuple[torch.Tensor, Residual]], sign: float = -1.0, *, backend=None,
                     done: Optional[list] = None) -> None:
     """:func:`apply_residual` of every ``(W, residual)`` in order, with the same result, bit for bit. LoRAM residuals
@@ -293,7 +287,7 @@ def apply_residuals(writes: list[tuple[torch.Tensor, Residual]], sign: float = -
     for key, items in groups.items():
         for W, _ in items:
             owners.setdefault(W.data_ptr(), set()).add(key)
-    spans = sorted({(_span(W), W.data_ptr()) for W, _ in writes if W.numel()})
+    spans = sorted({(byte_span(W), W.data_ptr()) for W, _ in writes if W.numel()})
     shared = any(b[0][0] < a[0][1] and b[1] != a[1] for a, b in zip(spans, spans[1:]))
     if shared or any(len(keys) > 1 for keys in owners.values()):
         groups = {("single", i): [item] for i, item in enumerate(writes)}  # one call each, in order

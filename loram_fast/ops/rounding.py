@@ -19,6 +19,7 @@ import bisect
 import torch
 
 from . import dispatch, memory
+from .layout import byte_span
 
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _CHUNK_ELEMS = 1 << 20
@@ -95,9 +96,8 @@ class ScaledRounded:
         if (type(out) is not torch.Tensor or out.dtype != torch.float32 or out.shape != self.src.shape
                 or not out.is_contiguous() or out.device != self.src.device or out.requires_grad):
             return False
-        a, b = out.data_ptr(), self.src.data_ptr()
-        size = out.numel() * 4
-        if a < b + size and b < a + size:
+        (a0, a1), (b0, b1) = byte_span(out), byte_span(self.src)
+        if a0 < b1 and b0 < a1:
             return False
         name, _ = dispatch.resolve("scale_rounded", out.device, backend)
         return name in dispatch.WRITES_CANNOT_FAIL
@@ -121,11 +121,11 @@ def form_all(pairs: list, backend=None) -> None:
 def formable_together(pairs: list) -> bool:
     """Whether :func:`form_all` accepts ``pairs`` (each already passing :meth:`ScaledRounded.forms_in_place`): the
     outs pairwise disjoint, and none overlapping any pair's source (what the compiled batch checks first)."""
-    outs = sorted((out.data_ptr(), out.data_ptr() + 4 * out.numel()) for out, _ in pairs if out.numel())
+    outs = sorted(byte_span(out) for out, _ in pairs if out.numel())
     if any(b[0] < a[1] for a, b in zip(outs, outs[1:])):
         return False
     starts = [a for a, _ in outs]
-    for lo, hi in {(v.src.data_ptr(), v.src.data_ptr() + 4 * v.src.numel()) for _, v in pairs if v.src.numel()}:
+    for lo, hi in {byte_span(v.src) for _, v in pairs if v.src.numel()}:
         k = bisect.bisect_left(starts, hi)  # outs starting before the source ends; the last of them may overlap it
         if k and outs[k - 1][1] > lo:
             return False
