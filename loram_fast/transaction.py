@@ -320,12 +320,14 @@ class Transaction:
         for item in adapters:  # a parameter whose memory changed since (a later write of it, which wins, as in
             # order) is checked again; what no longer passes is stored the ordinary way, undoably
             target, name, param, value, ptr = item
-            (in_place if param.data.data_ptr() == ptr or self._in_place(param, value) else ordinary).append(item)
-        if in_place and not formable_together([(item[2].data, item[3]) for item in in_place]):
+            if param.data.data_ptr() == ptr or self._in_place(param, value):
+                in_place.append((param.data, value))
+            else:
+                ordinary.append(item)
+        if in_place and not formable_together(in_place):
             ordinary, in_place = adapters, []  # one call could not form them all: each the ordinary way, in order
         for target, name, param, value, _ in ordinary:
             self._set_adapter(target, name, value.tensor(self.backend), owned=True, as_is=True)
-        in_place = [(param.data, value) for _, _, param, value, _ in in_place]
         if not pending and not in_place:
             return
         done: list[tuple[torch.Tensor, Residual]] = []  # (weight view, residual) of the completed writes
